@@ -1,0 +1,43 @@
+import matplotlib.pyplot as plt
+import numpy as np
+
+from vqvae_lib import viz
+
+
+def _figure():
+    rng = np.random.default_rng(0)
+    images = [rng.random((32, 16)).astype(np.float32) for _ in range(3)]
+    return viz.montage(images, ["a", "b", "c"], None, ncols=2)
+
+
+def test_saved_png_is_byte_stable_and_carries_no_software_stamp(tmp_path):
+    fig = _figure()
+    viz.save(fig, tmp_path / "a.png")
+    viz.save(fig, tmp_path / "b.png")
+    plt.close(fig)
+    a, b = (tmp_path / "a.png").read_bytes(), (tmp_path / "b.png").read_bytes()
+    assert a == b and a.startswith(b"\x89PNG")
+    assert b"Software" not in a and b"matplotlib" not in a
+
+
+def test_montage_with_one_row_and_empty_panels():
+    fig = _figure()  # 3 images on a 2-column grid: one empty panel
+    axes = fig.axes
+    assert len(axes) == 4 and not axes[3].axison
+    plt.close(fig)
+
+
+def test_slices_are_shown_superior_up_anterior_left():
+    stored = np.zeros((4, 3))
+    stored[0, 2] = 1  # most anterior row, most superior column
+    shown = viz.oriented(stored)
+    assert shown.shape == (3, 4) and shown[0, 0] == 1
+
+
+def test_patient_splits_grid_marks_a_scan_in_two_splits_red():
+    fig = viz.patient_splits({"train": [(4, 0), (4, 1)], "test": [(4, 1), (5, 0)]}, None)
+    grid = fig.axes[0].images[0].get_array()
+    colours = fig.axes[0].images[0].get_cmap().colors
+    plt.close(fig)
+    assert colours[int(grid[0, 1])] == "#d00000"  # case 004 week 1 is in both splits
+    assert colours[int(grid[0, 0])] == viz.SPLIT_COLOURS["train"]
