@@ -510,8 +510,9 @@ def load_split(root: str | Path, split: str = "train", *, shape: tuple[int, int]
     shape = (int(shape[0]), int(shape[1]))
     dirs = find_split_dirs(root)
     data_root = _data_root(dirs)
+    image_name, seg_name = split_folders(split)
     if split not in dirs:
-        raise DataError(f"split {split!r}: expected folder {data_root / f'keras_slices_{split}'} does not exist; "
+        raise DataError(f"split {split!r}: expected folder {data_root / image_name} does not exist; "
                         f"present splits: {', '.join(dirs)}")
     check_patient_splits(data_root)
     image_dir, seg_dir = dirs[split]
@@ -519,7 +520,7 @@ def load_split(root: str | Path, split: str = "train", *, shape: tuple[int, int]
     seg = None
     if masks:
         if seg_dir is None:
-            raise DataError(f"masks=True but the mask folder {data_root / f'keras_slices_seg_{split}'} "
+            raise DataError(f"masks=True but the mask folder {data_root / seg_name} "
                             "does not exist")
         seg = {(f.case, f.week, f.index): f for f in list_slices(seg_dir, "seg")}
 

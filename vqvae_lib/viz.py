@@ -85,7 +85,7 @@ def _label_legend(fig: plt.Figure) -> None:
 def montage(images: Sequence[np.ndarray], titles: Sequence[str], path: str | Path | None, *,
             ncols: int = 6, suptitle: str | None = None) -> plt.Figure:
     """A grid of slices with a shared grey scale. images: sequence of (H, W) arrays."""
-    fig, axes = _grid(len(images), ncols, (2.4, 1.5))
+    fig, axes = _grid(len(images), ncols, (2.4, 1.7))
     vmax = float(np.percentile(np.stack([np.asarray(i) for i in images]), 99.5))
     for ax, img, title in zip(axes, images, titles):
         _show(ax, img, title, vmax)
