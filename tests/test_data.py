@@ -431,7 +431,7 @@ def test_interrupted_build_leaves_no_valid_cache(tree, monkeypatch):
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(D, "_write_json_atomic", fail)
+    monkeypatch.setattr(D, "save_json", fail)
     with pytest.raises(KeyboardInterrupt):
         load(tree)
     assert not list((tree / ".cache").glob("*.json")) and not list((tree / ".cache").glob(".*.tmp"))

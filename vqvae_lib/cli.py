@@ -8,8 +8,11 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
-from . import data, phantom
+from . import data, phantom, train
+from .checkpoint import CheckpointError, load_checkpoint
+from .fileio import save_json
 
 
 def _phantom(args: argparse.Namespace) -> int:
@@ -43,6 +46,71 @@ def _notebooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(kind: type) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+def _print_epoch(record: dict[str, Any], epochs: int, codebook_size: int) -> None:
+    print(f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f} (recon {record['train_recon']:.4f}), "
+          f"val SSIM {record['val_ssim']:.4f}, PSNR {record['val_psnr']:.2f} dB, "
+          f"codes {record['val_active']}/{codebook_size} (perplexity {record['val_perplexity']:.1f}), "
+          f"{record['images_per_s']:.0f} img/s, {record['seconds']:.0f} s", flush=True)
+
+
+def _train(args: argparse.Namespace) -> int:
+    given = {"epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
+             "limit": args.limit, "downsample": args.downsample, "device": args.device}
+    overrides = {key: value for key, value in given.items() if value is not None}
+    out = Path(args.out)
+    if args.resume:  # the run's own config, changed only where a flag is given (train() refuses what may not change)
+        saved = load_checkpoint(out / "last.pt")["train_config"]
+        try:
+            config = train.make_config(**{**saved, "preset": args.preset or saved.get("preset"), **overrides})
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{out / 'last.pt'} holds an unusable train config: {e}") from e
+    else:
+        config = train.make_config(args.preset or "default", **overrides)
+    trained = []
+
+    def report(record: dict[str, Any]) -> None:
+        trained.append(record)
+        _print_epoch(record, config.epochs, config.model["codebook_size"])
+
+    history = train.train(args.data_dir, out, config, resume=args.resume, overwrite=args.overwrite, callback=report)
+    if not trained:
+        done = history[-1]["epoch"]
+        print(f"{out} had already finished {done} epoch{'s' * (done != 1)}: nothing to do")
+    best = max(history, key=lambda h: h["val_ssim"])
+    print(f"best validation SSIM {best['val_ssim']:.4f} (epoch {best['epoch']}): {out / 'best.pt'}")
+    print(f"last epoch {history[-1]['epoch']}: {out / 'last.pt'}; history: {out / 'metrics.json'}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    result = train.evaluate(args.checkpoint, args.data_dir, args.split, batch_size=args.batch_size,
+                            device=args.device)
+    s = result["summary"]
+    print(f"{args.checkpoint} (epoch {s['epoch']}) on {args.split}, {s['n_slices']} slices:")
+    print(f"  SSIM  mean {s['ssim_mean']:.4f}  min {s['ssim_min']:.4f}  max {s['ssim_max']:.4f}")
+    print(f"  PSNR  mean {s['psnr_mean']:.2f}  min {s['psnr_min']:.2f}  max {s['psnr_max']:.2f} dB")
+    print(f"  codes {s['active_codes']}/{s['codebook_size']} active, perplexity {s['perplexity']:.1f}")
+    if args.json:
+        slices = [{"name": name, "case": int(case), "week": int(week), "slice": int(index), "ssim": float(ssim),
+                   "psnr": float(psnr)} for name, case, week, index, ssim, psnr in
+                  zip(result["names"], result["cases"], result["weeks"], result["slices"], result["ssim"],
+                      result["psnr"])]
+        save_json(args.json, {"checkpoint": result["checkpoint"], "split": args.split, "summary": s,
+                              "slices": slices})
+        print(f"results written to {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vqvae_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 03")
     p.set_defaults(func=_notebooks)
+
+    p = sub.add_parser("train", help="train a VQ-VAE; writes best.pt, last.pt and metrics.json to --out")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--out", required=True, help="run folder (refused if it holds a run, unless --resume/--overwrite)")
+    p.add_argument("--preset", choices=sorted(train.PRESETS), default=None,
+                   help="recipe (default: 'default'; with --resume: the run's own)")
+    p.add_argument("--epochs", type=_positive(int))
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=_positive(int))
+    p.add_argument("--lr", type=_positive(float))
+    p.add_argument("--limit", type=_positive(int), help="train on the first N training slices only")
+    p.add_argument("--downsample", type=int, choices=(4, 8, 16))
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="score a checkpoint on every slice of a split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--split", choices=data.SPLITS, default="test")
+    p.add_argument("--json", help="also write the summary and per-slice scores to this JSON file")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=_positive(int), default=64)
+    p.set_defaults(func=_evaluate)
     return parser
 
 
@@ -78,6 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (data.DataError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+    except (data.DataError, CheckpointError, FileExistsError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

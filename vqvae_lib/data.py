@@ -9,7 +9,7 @@ Decisions a reader should know about:
 
 - **Intensities.** Slices hold non-negative scanner intensities (hundreds, with no fixed range between scans).
   Each slice is scaled to [0, 1] on its own (default: divide by its 99.5th percentile and clip), so every slice
-  uses the full range the decoder's sigmoid output and SSIM (data range 1) expect, a few hot voxels cannot squash
+  uses the full range that SSIM (data range 1) expects, a few hot voxels cannot squash
   the rest of the slice to black, and 0 (background) stays 0. The scale is kept (`SplitData.scales`) so an
   image can be mapped back to scanner units.
 - **Shapes.** Most slices are 256x128; the 60 slices of case 019 week 1 are 256x144. Every slice whose shape
@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import stat
-import uuid
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -48,6 +47,8 @@ from nibabel.spatialimages import HeaderDataError
 from skimage.transform import resize
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from .fileio import save_json, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -483,15 +484,6 @@ def _shrink(array: np.ndarray, n: int, allocate: Callable[..., np.ndarray]) -> n
     return out
 
 
-def _write_json_atomic(path: Path, content: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(content))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_split(root: str | Path, split: str = "train", *, shape: tuple[int, int] = WORK_SHAPE,
                shape_policy: str = "crop", normalization: str = "percentile", masks: bool = False,
                on_error: str = "raise", cache: bool = True, cache_dir: str | Path | None = None,
@@ -542,7 +534,7 @@ def load_split(root: str | Path, split: str = "train", *, shape: tuple[int, int]
         # Cached builds write straight to a temp .npy in the cache folder so the split is never in RAM twice.
         if stem is None:
             return np.empty(rows_shape, dtype)
-        temp_files.append(stem.with_name(f".{stem.name}-{uuid.uuid4().hex}.tmp"))
+        temp_files.append(temp_name(stem))
         return np.lib.format.open_memmap(temp_files[-1], mode="w+", dtype=dtype, shape=rows_shape)
 
     try:
@@ -579,7 +571,7 @@ def load_split(root: str | Path, split: str = "train", *, shape: tuple[int, int]
             for temp, path in moves:
                 os.replace(temp, path)
             # The sidecar goes last: arrays without it are never used, so an interrupted build cannot look valid.
-            _write_json_atomic(meta_path, {
+            save_json(meta_path, {
                 "key": key, "split": split, "names": [f.name for f in kept], "scales": scales.tolist(),
                 "reshaped": reshaped, "skipped": skipped})
             images = np.load(images_path, mmap_mode="r")

@@ -49,12 +49,15 @@ def to_ipynb(script: Path, out_dir: Path, kernel: str = KERNEL) -> Path:
 
 
 def execute(script: Path, build: Path, parameters: dict, kernel: str = KERNEL, progress: bool = True) -> Path:
-    """Run one notebook with papermill; returns the executed copy's path."""
+    """Run one notebook with papermill, passing the `parameters` its parameters cell declares; returns the
+    executed copy's path."""
     nb = to_ipynb(script, build / "ipynb", kernel)
     out = build / "executed" / nb.name
     out.parent.mkdir(parents=True, exist_ok=True)
+    declared = papermill.inspect_notebook(str(nb))
     log.info("executing %s", script.name)
-    papermill.execute_notebook(str(nb), str(out), parameters=parameters, kernel_name=kernel,
+    papermill.execute_notebook(str(nb), str(out), parameters={k: v for k, v in parameters.items() if k in declared},
+                               kernel_name=kernel,
                                cwd=str(script.parent), progress_bar=progress)
     return out
 

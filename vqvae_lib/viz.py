@@ -211,3 +211,154 @@ def patient_splits(scans: Mapping[str, Sequence[tuple[int, int]]], path: str | P
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     fig.tight_layout()
     return save(fig, path)
+
+
+def receptive_fields(image: np.ndarray, fields: Sequence[np.ndarray], titles: Sequence[str],
+                     path: str | Path | None) -> plt.Figure:
+    """A slice with the pixels one central latent cell depends on. fields: (H, W) bool maps, one per panel."""
+    fig, axes = plt.subplots(1, len(fields), figsize=(3.4 * len(fields), 2.2), squeeze=False)
+    for ax, field, title in zip(axes[0], fields, titles):
+        _show(ax, image, title, float(np.percentile(image, 99.5)))
+        overlay = np.zeros((*oriented(field).shape, 4))
+        overlay[oriented(field)] = matplotlib.colors.to_rgba("#ff006e", 0.45)
+        ax.imshow(overlay, interpolation="nearest")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def latent_grids(image: np.ndarray, factors: Sequence[int], path: str | Path | None) -> plt.Figure:
+    """A slice with the latent cells of each downsampling factor drawn over it."""
+    fig, axes = plt.subplots(1, len(factors), figsize=(3.4 * len(factors), 2.2), squeeze=False)
+    shown = oriented(image)
+    for ax, factor in zip(axes[0], factors):
+        _show(ax, image, f"{factor}x: {image.shape[0] // factor} x {image.shape[1] // factor} codes",
+              float(np.percentile(image, 99.5)))
+        for r in np.arange(factor, shown.shape[0], factor):
+            ax.axhline(r - 0.5, color="#3a86ff", lw=0.4, alpha=0.8)
+        for c in np.arange(factor, shown.shape[1], factor):
+            ax.axvline(c - 0.5, color="#3a86ff", lw=0.4, alpha=0.8)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path: str | Path | None,
+           *, xlabel: str = "epoch", logy: bool | Sequence[str] = False, ncols: int = 3) -> plt.Figure:
+    """Line plots, one panel per title. panels: {title: {series label: (x, y)}}; logy: True or panel titles."""
+    fig, axes = _grid(len(panels), min(ncols, len(panels)), (3.6, 2.6))
+    palette = ["#264653", "#e76f51", "#2a9d8f", "#e9c46a", "#8338ec"]
+    for ax, (title, series) in zip(axes, panels.items()):
+        for i, (label, (x, y)) in enumerate(series.items()):
+            ax.plot(x, y, label=label, color=palette[i % len(palette)], lw=1.6,
+                    marker="o" if len(x) < 3 else None, ms=4)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        if logy is True or (not isinstance(logy, bool) and title in logy):
+            ax.set_yscale("log")
+        if len(series) > 1:
+            ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def toy_codebooks(points: np.ndarray, runs: Mapping[str, Mapping[int, tuple[np.ndarray, np.ndarray]]],
+                  path: str | Path | None) -> plt.Figure:
+    """2D points, codebook vectors and their Voronoi cells at several steps; one row per run.
+
+    points: (N, 2); runs: {name: {step: (codebook (K, 2), used (K,) bool)}}.
+    """
+    steps = max(len(r) for r in runs.values())
+    fig, axes = plt.subplots(len(runs), steps, figsize=(2.7 * steps, 2.8 * len(runs)), squeeze=False)
+    every = np.concatenate([points] + [c for r in runs.values() for c, _ in r.values()])
+    lo, hi = float(every.min()) - 0.5, float(every.max()) + 0.5
+    grid = np.linspace(lo, hi, 240)
+    gx, gy = np.meshgrid(grid, grid)
+    flat = np.stack([gx.ravel(), gy.ravel()], 1)
+    for row, (name, shots) in zip(axes, runs.items()):
+        for ax, (step, (codebook, used)) in zip(row, sorted(shots.items())):
+            cell = ((flat[:, None, :] - codebook[None]) ** 2).sum(-1).argmin(1).reshape(gx.shape)
+            ax.imshow(cell % 20, cmap="tab20", alpha=0.35, origin="lower", interpolation="nearest",
+                      extent=(lo, hi, lo, hi))
+            ax.scatter(points[:, 0], points[:, 1], s=1.5, color="#555555", alpha=0.5, linewidths=0)
+            ax.scatter(*codebook[used].T, s=26, color="#e63946", edgecolors="white", linewidths=0.6,
+                       label="used")
+            ax.scatter(*codebook[~used].T, s=26, color="black", marker="x", linewidths=1.0, label="dead")
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"step {step}: {int(used.sum())}/{len(used)} used", fontsize=9)
+        row[0].set_ylabel(name)
+    axes[0, 0].legend(loc="lower left", fontsize=7, frameon=True)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def reconstructions(originals: Sequence[np.ndarray], recons: Sequence[np.ndarray], titles: Sequence[str],
+                    path: str | Path | None, *, error_gain: float = 4.0) -> plt.Figure:
+    """Columns of slices: original, reconstruction and |error| x error_gain. Each (H, W) in [0, 1]."""
+    n = len(originals)
+    fig, axes = plt.subplots(3, n, figsize=(2.7 * n, 4.4), squeeze=False)
+    for j, (x, r, title) in enumerate(zip(originals, recons, titles)):
+        _show(axes[0, j], x, title, 1.0)
+        _show(axes[1, j], r, None, 1.0)
+        _show(axes[2, j], np.clip(np.abs(np.asarray(r) - np.asarray(x)) * error_gain, 0, 1), None, 1.0)
+    for ax, name in zip(axes[:, 0], ("original", "reconstruction", f"|error| x {error_gain:g}")):
+        ax.set_ylabel(name)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def distributions(values: Mapping[str, Mapping[str, np.ndarray]], path: str | Path | None,
+                  baselines: Mapping[str, Mapping[str, float]] | None = None) -> plt.Figure:
+    """Histograms per metric and model. values: {metric: {model: (N,) array}}; baselines: {metric: {name: x}}."""
+    fig, axes = plt.subplots(1, len(values), figsize=(4.6 * len(values), 2.9), squeeze=False)
+    palette = ["#264653", "#e76f51", "#2a9d8f", "#e9c46a"]
+    for ax, (metric, series) in zip(axes[0], values.items()):
+        lo = min(float(np.min(v)) for v in series.values())
+        hi = max(float(np.max(v)) for v in series.values())
+        bins = np.linspace(lo, hi, 40)
+        for i, (name, v) in enumerate(series.items()):
+            ax.hist(v, bins=bins, alpha=0.55, color=palette[i % len(palette)],
+                    label=f"{name} (mean {np.mean(v):.3f})" if metric.lower().startswith("ssim") else
+                    f"{name} (mean {np.mean(v):.2f})")
+        for k, (name, x) in enumerate((baselines or {}).get(metric, {}).items()):
+            ax.axvline(x, color="black", ls=("--", ":", "-.")[k % 3], lw=1, label=f"{name} ({x:.3f})")
+        ax.set_title(metric)
+        ax.set_ylabel("slices")
+        ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def per_group(groups: Sequence[str], values: Mapping[str, Sequence[float]], path: str | Path | None, *,
+              ylabel: str) -> plt.Figure:
+    """Grouped bars, e.g. mean SSIM per scan for each model. values: {series: one value per group}."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(groups) * len(values)), 3.0))
+    x = np.arange(len(groups))
+    width = 0.8 / len(values)
+    palette = ["#264653", "#e76f51", "#2a9d8f", "#e9c46a"]
+    for i, (name, ys) in enumerate(values.items()):
+        bars = ax.bar(x + (i - (len(values) - 1) / 2) * width, ys, width, label=name, color=palette[i % 4])
+        ax.bar_label(bars, [f"{y:.3f}" for y in ys], fontsize=7)
+    ax.set_xticks(x, groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    lo = min(min(v) for v in values.values())
+    ax.set_ylim(max(0.0, lo - 0.1), None)
+    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def code_usage(counts: Mapping[str, np.ndarray], path: str | Path | None) -> plt.Figure:
+    """Code usage histograms, codes sorted from most to least used. counts: {model: (K,) counts}."""
+    fig, axes = plt.subplots(1, len(counts), figsize=(4.6 * len(counts), 2.8), squeeze=False)
+    for ax, (name, c) in zip(axes[0], counts.items()):
+        c = np.sort(np.asarray(c))[::-1]
+        share = c / max(c.sum(), 1)
+        ax.bar(np.arange(len(c)), share, width=1.0, color="#2a9d8f")
+        ax.set_yscale("log")
+        ax.set_title(f"{name}: {int((c > 0).sum())} of {len(c)} codes used")
+        ax.set_xlabel("code (sorted by use)")
+        ax.set_ylabel("share of cells")
+    fig.tight_layout()
+    return save(fig, path)

@@ -1,0 +1,195 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python (hipmri-vqvae)
+#     language: python
+#     name: hipmri-vqvae
+# ---
+
+# %% [markdown]
+# # 05 · Evaluation and the codebook explorer
+#
+# How good is the trained VQ-VAE, really? We measure it on the test split, which no training decision has
+# seen, and look at what its codes mean. You will learn
+#
+# - to read SSIM and PSNR next to trivial baselines (a mean SSIM above 0.6 alone proves little on slices
+#   that are largely black background), inside the body as well as over the whole slice;
+# - to look at the distribution, the per-scan results and the best and worst slices, not just a mean;
+# - how many codes the model actually uses, and how our recipe compares with the common published one
+#   (the `seed` preset) at the same latent grid and the same number of training steps;
+# - what the codes are: the explorer shows each slice as its grid of code indices.
+#
+# **Prerequisites:** notebook 04 (or just the committed checkpoints in `checkpoints/`).
+#
+# **Expected run time:** about 30 s on a 2-core CPU; a GPU is used when present.
+
+# %% tags=["parameters"]
+SMOKE = False  # fast settings for the tests
+DATA_DIR = "../data/phantom"
+FIG_DIR = "../figures"
+SEED = 0
+INTERACTIVE = False
+DEVICE = "auto"
+CHECKPOINT = "../checkpoints/default.pt"
+DEFAULT_8X_CHECKPOINT = "../checkpoints/default_8x.pt"
+SEED_CHECKPOINT = "../checkpoints/seed_8x.pt"
+
+# %%
+from pathlib import Path
+
+DATA = Path(DATA_DIR)
+FIGS = Path(FIG_DIR)
+
+# %%
+import platform
+
+import numpy as np
+import torch
+from IPython.display import display
+
+import vqvae_lib
+from vqvae_lib import checkpoint, data, metrics, train, viz
+from vqvae_lib.explorer import CodebookExplorer, explorer_grid
+
+torch.manual_seed(SEED)
+device = train.select_device(DEVICE)
+print(f"python {platform.python_version()}, torch {torch.__version__}, vqvae_lib {vqvae_lib.__version__}, "
+      f"device {device}")
+
+# %% [markdown]
+# ## 1. Test-set scores, next to baselines
+#
+# `train.evaluate` reconstructs every test slice and scores it with scikit-image's SSIM and PSNR on the
+# [0, 1] scale (data range 1). Two baselines put the numbers in context:
+#
+# - **mean image**: predict the mean training slice for every test slice. A VQ-VAE whose codebook has
+#   collapsed to a few codes behaves much like this;
+# - **foreground SSIM**: the mean of the SSIM map inside the body only (labels > 0), where the anatomy is.
+#
+# Three checkpoints, all committed in `checkpoints/` with the commands that made them in the README:
+# `default` is our recipe at its 4x grid (notebook 04). To compare recipes fairly, the other two share the
+# seed recipe's 8x grid and the same number of training steps: our recipe with `--downsample 8`, and the
+# `seed` preset itself.
+
+# %%
+models = {"default": CHECKPOINT, "default recipe, 8x": DEFAULT_8X_CHECKPOINT, "seed recipe, 8x": SEED_CHECKPOINT}
+results = {name: train.evaluate(path, DATA, "test", device=str(device), progress=False)
+           for name, path in models.items()}
+test = data.load_split(DATA, "test", masks=True, progress=False)
+images = np.asarray(test.images)
+mean_image = np.asarray(data.load_split(DATA, "train", progress=False).images).mean(0)
+baseline_ssim, baseline_psnr = metrics.ssim_psnr(np.broadcast_to(mean_image, images.shape), images)
+
+recons, foreground = {}, {}
+for name, path in models.items():
+    model, _ = checkpoint.load_model(path, map_location=device)
+    recons[name], _ = train.reconstruct(model, images, batch_size=32, device=device)
+    foreground[name] = metrics.ssim_foreground(recons[name], images, np.asarray(test.masks))
+
+print(f"{'':<24}{'SSIM':>8}{'min':>7}{'max':>7}{'SSIM body':>11}{'PSNR':>8}{'codes used':>12}{'perplexity':>12}")
+for name, r in results.items():
+    s = r["summary"]
+    print(f"{name:<24}{s['ssim_mean']:8.3f}{s['ssim_min']:7.3f}{s['ssim_max']:7.3f}{foreground[name].mean():11.3f}"
+          f"{s['psnr_mean']:8.2f}{s['active_codes']:>7}/{s['codebook_size']:<4}{s['perplexity']:12.1f}")
+print(f"{'mean-image baseline':<24}{baseline_ssim.mean():8.3f}{baseline_ssim.min():7.3f}{baseline_ssim.max():7.3f}"
+      f"{'':>11}{baseline_psnr.mean():8.2f}")
+
+# %%
+viz.distributions({"SSIM": {n: r["ssim"] for n, r in results.items()},
+                   "PSNR (dB)": {n: r["psnr"] for n, r in results.items()}},
+                  FIGS / "05_metric_distributions.png",
+                  baselines={"SSIM": {"mean-image baseline": float(baseline_ssim.mean())},
+                             "PSNR (dB)": {"mean-image baseline": float(baseline_psnr.mean())}});
+
+# %% [markdown]
+# ## 2. Per scan
+#
+# The test split holds few patients, so a single mean hides how much scans differ. Mean SSIM per scan:
+
+# %%
+default = results["default"]
+scan_of = [f"case {c:03d}\nweek {w}" for c, w in zip(default["cases"], default["weeks"])]
+scans = sorted(set(scan_of))
+per_scan = {name: [float(np.mean([s for s, k in zip(r["ssim"], scan_of) if k == scan])) for scan in scans]
+            for name, r in results.items()}
+viz.per_group(scans, per_scan, FIGS / "05_per_scan.png", ylabel="mean SSIM");
+
+# %% [markdown]
+# ## 3. Best and worst slices
+#
+# The three best and three worst test slices of the default model, with the error magnified four times.
+# Note where in their scans they lie (the slice number is in the name).
+
+# %%
+order = np.argsort(default["ssim"])
+pick = np.concatenate([order[-3:][::-1], order[:3]])
+viz.reconstructions(images[pick], recons["default"][pick],
+                    [f"{'best' if i < 3 else 'worst'}: SSIM {default['ssim'][j]:.3f}\n{default['names'][j]}"
+                     for i, j in enumerate(pick)], FIGS / "05_best_worst.png");
+
+# %% [markdown]
+# ## 4. Codebook usage
+#
+# How often each code is used over the whole test split, codes sorted by use. A healthy codebook has a
+# long, flat head; a collapsed one a handful of bars.
+
+# %%
+viz.code_usage({name: r["code_counts"] for name, r in results.items()}, FIGS / "05_code_usage.png");
+
+# %% [markdown]
+# The recipes side by side at the same grid and budget:
+
+# %%
+histories = {name: checkpoint.load_checkpoint(path)["history"] for name, path in models.items()}
+for name in ("default recipe, 8x", "seed recipe, 8x"):
+    print(f"{name}: {len(histories[name])} epochs, test SSIM {results[name]['summary']['ssim_mean']:.3f}, "
+          f"{results[name]['summary']['active_codes']} codes used")
+
+# %% [markdown]
+# ## 5. The codebook explorer
+#
+# Each slice is stored by the VQ-VAE as a grid of code indices (64 x 32 at 4x). Below: slices, their index
+# maps (one colour per code) and the reconstructions decoded from those maps alone. Neighbouring cells of
+# the same tissue often get different codes: with 512 codes the model spends them on texture and noise
+# as well as on anatomy.
+
+# %%
+model, _ = checkpoint.load_model(CHECKPOINT, map_location=device)
+explorer = CodebookExplorer(model, images, [f.name for f in test.files], device=device)
+rows = [i for i, f in enumerate(test.files) if f.index in (20, 30, 40)][:3] or [0]
+explorer_grid(explorer, rows, FIGS / "05_explorer.png");
+
+# %% [markdown]
+# A code means the same thing wherever it is used. The most used codes of a slice are the black
+# background; take instead the most used code inside the body (cells whose pixels average above 0.3) and
+# see where else it appears and what it decodes to when a whole map is filled with it:
+
+# %%
+middle = len(images) // 2
+d = explorer.downsample
+h, w = explorer.indices.shape[1:]
+bright = images[middle].reshape(h, d, w, d).mean(axis=(1, 3)) > 0.3
+codes, cells = np.unique(explorer.indices[middle][bright], return_counts=True)
+common = int(codes[cells.argmax()])
+explorer.figure(middle, common, FIGS / "05_explorer_code.png");
+
+# %% [markdown]
+# In a live notebook, slide through the test slices and pick codes yourself:
+
+# %%
+if INTERACTIVE:
+    display(explorer.widget())
+
+# %% [markdown]
+# ## Questions
+#
+# 1. The mean-image baseline scores well above zero SSIM. Which part of the slice earns it that score?
+# 2. Which scans are hardest, and what do their worst slices have in common?
+# 3. Codes used for the black background: how many are there, and is that capacity wasted?
+# 4. Our recipe and the seed recipe had the same grid and the same steps. Which of the differences in
+#    notebook 04's list do you expect matters most? How would you test it?

@@ -1,0 +1,204 @@
+"""The codebook explorer, driven from Python (no browser), on a tiny untrained VQ-VAE."""
+
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+from vqvae_lib import metrics, viz
+from vqvae_lib.explorer import HIGHLIGHT, NO_CODE, PATCH_CELLS, PATCH_MARGIN, CodebookExplorer, explorer_grid
+from vqvae_lib.model import VQVAE, ModelConfig
+
+PNG = b"\x89PNG\r\n\x1a\n"
+D = 4
+
+
+def _ellipses(n: int = 6, shape: tuple[int, int] = (64, 32)) -> np.ndarray:
+    """(n, H, W) float32: a bright ellipse on black, moved down the slice from one image to the next."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return np.stack([(((yy - 10 - 8 * k) / 9) ** 2 + ((xx - 16) / 6) ** 2 < 1) * (0.4 + 0.1 * k)
+                     for k in range(n)]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return _ellipses()
+
+
+@pytest.fixture(scope="module")
+def model(images):
+    """Untrained, but one training-mode pass initialises its codebook from the encoder's outputs (k-means),
+    so the slices use many codes, and not all the same ones."""
+    torch.manual_seed(0)
+    m = VQVAE(ModelConfig(hidden=16, res_hidden=8, codebook_size=16, embed_dim=8, downsample=D))
+    m.train()
+    m(torch.from_numpy(images[:, None]))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def explorer(model, images):
+    return CodebookExplorer(model, images, [f"s{i}" for i in range(len(images))], batch_size=4)
+
+
+def _png(explorer) -> bytes:
+    return bytes(explorer.image.value)  # the Image widget hands back a memoryview
+
+
+def _rarest(explorer, k: int) -> int:
+    return explorer.codes_by_use(k)[-1][0]
+
+
+def test_index_maps_and_reconstructions_match_the_model(explorer, model, images):
+    # batch_size=4 splits the 6 images in two batches: the result must equal one pass over all
+    x = torch.from_numpy(images[:, None])
+    expected = model.encode(x).numpy()
+    assert explorer.indices.dtype == np.int64
+    assert explorer.indices.shape == (6, *model.latent_shape(images.shape[1:])) == (6, 64 // D, 32 // D)
+    np.testing.assert_array_equal(explorer.indices, expected)
+    recon = model.decode_indices(torch.from_numpy(expected))[:, 0].clamp(0, 1).numpy()
+    assert explorer.recon.shape == images.shape and explorer.recon.min() >= 0 and explorer.recon.max() <= 1
+    np.testing.assert_allclose(explorer.recon, recon, atol=1e-5)
+    assert not model.training
+
+
+def test_the_ellipses_give_different_index_maps(explorer):
+    assert not np.array_equal(explorer.indices[0], explorer.indices[5])
+
+
+def test_view_without_a_code_highlights_nothing(explorer, images):
+    state = explorer.view(2)
+    np.testing.assert_array_equal(state["image"], images[2])
+    np.testing.assert_array_equal(state["indices"], explorer.indices[2])
+    np.testing.assert_array_equal(state["recon"], explorer.recon[2])
+    assert state["highlight"].shape == (16, 8) and not state["highlight"].any()
+    assert state["pixel_highlight"].shape == (64, 32) and not state["pixel_highlight"].any()
+    assert state["code"] is None and state["code_patch"] is None and state["usage"] == 0
+    np.testing.assert_array_equal(state["codes_in_slice"], np.unique(explorer.indices[2]))
+    assert state["name"] == "s2"
+
+
+def test_view_with_a_code_highlights_its_cells_and_their_pixel_blocks(explorer):
+    k = 3
+    code = _rarest(explorer, k)
+    state = explorer.view(k, code)
+    cells = explorer.indices[k] == code
+    np.testing.assert_array_equal(state["highlight"], cells)
+    assert state["usage"] == cells.sum() > 0
+    blocks = np.kron(cells, np.ones((D, D), dtype=bool))
+    np.testing.assert_array_equal(state["pixel_highlight"], blocks)
+    assert state["pixel_highlight"].sum() == cells.sum() * D * D
+    patch = state["code_patch"]
+    assert patch.shape == (PATCH_CELLS * D, PATCH_CELLS * D) and patch.min() >= 0 and patch.max() <= 1
+
+
+def test_code_patch_is_the_centre_of_a_map_filled_with_that_code(explorer, model):
+    code = int(explorer.indices[0, 0, 0])
+    n, m, p = PATCH_CELLS + 2 * PATCH_MARGIN, PATCH_MARGIN * D, PATCH_CELLS * D
+    full = model.decode_indices(torch.full((1, n, n), code))[0, 0].clamp(0, 1).numpy()
+    np.testing.assert_allclose(explorer.code_patch(code), full[m:m + p, m:m + p], atol=1e-5)
+
+
+def test_a_code_absent_from_the_slice_has_zero_usage(explorer):
+    absent = sorted(set(range(16)) - set(explorer.indices[1].ravel().tolist()))[0]
+    state = explorer.view(1, absent)
+    assert state["usage"] == 0 and not state["pixel_highlight"].any() and state["code_patch"] is not None
+
+
+def test_bad_inputs_are_refused(explorer, model, images):
+    with pytest.raises(ValueError):
+        CodebookExplorer(model, images[0])
+    with pytest.raises(ValueError):
+        CodebookExplorer(model, images, ["only one name"])
+    with pytest.raises(ValueError):
+        explorer.view(0, 16)
+    with pytest.raises(IndexError):
+        explorer.view(6)
+
+
+def test_moving_the_slider_updates_state_picture_and_code_options(explorer, images):
+    explorer.widget()
+    before = _png(explorer)
+    assert before.startswith(PNG)
+    renders = []
+    explorer.image.observe(renders.append, names="value")
+    for k in (4, 1):
+        explorer.slider.value = k
+        assert len(renders) == {4: 1, 1: 2}[k]  # replacing the dropdown's options does not render again
+        np.testing.assert_array_equal(explorer.state["image"], images[k])
+        assert _png(explorer) != before and _png(explorer).startswith(PNG)
+        before = _png(explorer)
+        codes, counts = np.unique(explorer.indices[k], return_counts=True)
+        values = [v for _, v in explorer.code.options]
+        assert values[0] == NO_CODE and sorted(values[1:]) == codes.tolist()
+        assert [counts[codes.tolist().index(c)] for c in values[1:]] == sorted(counts, reverse=True)
+        label, value = explorer.code.options[1]
+        assert label == f"code {value} ({counts[codes.tolist().index(value)]} cells)"
+
+
+def test_choosing_a_code_highlights_it(explorer):
+    explorer.widget()
+    k = 5
+    explorer.slider.value = k
+    before = _png(explorer)
+    code = _rarest(explorer, k)
+    explorer.code.value = code
+    state = explorer.state
+    assert state["code"] == code and state["usage"] == (explorer.indices[k] == code).sum()
+    np.testing.assert_array_equal(state["highlight"], explorer.indices[k] == code)
+    assert state["pixel_highlight"].sum() == state["highlight"].sum() * D * D
+    assert _png(explorer) != before and _png(explorer).startswith(PNG)
+    explorer.code.value = NO_CODE
+    assert explorer.state["code"] is None and not explorer.state["highlight"].any()
+
+
+def test_the_chosen_code_survives_a_slice_change_only_if_present(explorer):
+    explorer.widget()
+    sets = [set(np.unique(m).tolist()) for m in explorer.indices]
+    pairs = [(a, b, c) for a in range(6) for b in range(6) for c in sets[a] if a != b]
+    shared = next((a, b, c) for a, b, c in pairs if c in sets[b])
+    missing = next((a, b, c) for a, b, c in pairs if c not in sets[b])
+    for a, b, c in (shared, missing):
+        explorer.slider.value = a
+        explorer.code.value = c
+        explorer.slider.value = b
+        kept = c in sets[b]
+        assert explorer.code.value == (c if kept else NO_CODE)
+        assert explorer.state["code"] == (c if kept else None)
+        assert explorer.state["index"] == b
+        assert explorer.state["usage"] == ((explorer.indices[b] == c).sum() if kept else 0)
+
+
+def test_figure_shows_image_and_index_map_the_same_way_up(explorer, tmp_path):
+    code = _rarest(explorer, 2)
+    fig = explorer.figure(2, code, tmp_path / "explorer.png")
+    assert (tmp_path / "explorer.png").read_bytes().startswith(PNG)
+    axes = fig.axes
+    assert len(axes) == 4
+    state = explorer.view(2, code)
+    assert f"code {code}: {state['usage']} of 128 cells" == axes[1].get_title()
+    shown_map = axes[1].images[0].get_array()
+    rgba = explorer.index_map_rgba(state["indices"], state["highlight"])
+    np.testing.assert_array_equal(rgba[state["highlight"], :3], np.tile(HIGHLIGHT, (state["usage"], 1)))
+    np.testing.assert_array_equal(rgba[~state["highlight"]], explorer.index_map_rgba(state["indices"])[
+        ~state["highlight"]] * [0.3, 0.3, 0.3, 1] + [0.7, 0.7, 0.7, 0])
+    np.testing.assert_array_equal(shown_map, viz.oriented(explorer.index_map_rgba(state["indices"],
+                                                                                  state["highlight"])))
+    np.testing.assert_array_equal(axes[0].images[0].get_array(), viz.oriented(state["image"]))
+    overlay = np.asarray(axes[0].images[1].get_array())
+    np.testing.assert_array_equal(overlay[..., 3] > 0, viz.oriented(state["pixel_highlight"]))
+    plt.close(fig)
+
+
+def test_explorer_grid_has_a_row_per_slice_with_its_ssim(explorer, tmp_path):
+    fig = explorer_grid(explorer, [0, 3, 5], tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").read_bytes().startswith(PNG)
+    assert len(fig.axes) == 9
+    ssim, _ = metrics.ssim_psnr(explorer.recon[[0, 3, 5]], explorer.images[[0, 3, 5]])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0] == "s0" and titles[3] == "s3"
+    assert titles[5] == f"reconstruction (SSIM {ssim[1]:.3f})"
+    np.testing.assert_array_equal(fig.axes[4].images[0].get_array(),
+                                  viz.oriented(explorer.index_map_rgba(explorer.indices[3])))
+    plt.close(fig)

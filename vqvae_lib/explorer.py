@@ -1,0 +1,289 @@
+"""The codebook explorer: which code is used where on a slice, and what each code decodes to.
+
+All slices are encoded once; `view` returns the data for one (slice, code) state, `figure` draws it,
+`widget` wraps it in a slider and a code dropdown, and `explorer_grid` is the static figure for
+notebooks and the README. Every displayed image and index map goes through `viz.oriented`, so a
+latent cell and its downsample x downsample pixel block sit at the same place on screen.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.colors import hsv_to_rgb
+from matplotlib.figure import Figure
+
+from . import metrics, viz
+from .train import reconstruct
+
+if TYPE_CHECKING:
+    import ipywidgets
+
+NO_CODE = -1  # the dropdown value meaning "no code chosen" (a Dropdown shows value None as blank)
+HIGHLIGHT = np.array([1.0, 0.15, 0.35])  # overlay colour of the chosen code's pixel blocks
+PATCH_CELLS = 4  # side of the decoded code patch, in latent cells
+PATCH_MARGIN = 4  # extra cells decoded around it so decoder border effects stay outside the patch
+WIDGET_DPI = 72  # widget PNGs are rendered small so an update stays well under 0.3 s
+
+
+def code_colours(n_codes: int) -> np.ndarray:
+    """A categorical palette for code indices: (n_codes, 4) RGBA, neighbouring codes far apart in hue."""
+    i = np.arange(n_codes)
+    hue = (i * 0.618033988749895) % 1.0  # golden-ratio steps spread any number of hues
+    sat = 0.55 + 0.2 * (i % 3)
+    val = 0.95 - 0.2 * ((i // 3) % 2)
+    rgb = hsv_to_rgb(np.stack([hue, np.minimum(sat, 1.0), val], axis=1))
+    return np.concatenate([rgb, np.ones((n_codes, 1))], axis=1)
+
+
+def _block_mask(cells: np.ndarray, d: int, shape: tuple[int, int]) -> np.ndarray:
+    """(h, w) bool cell mask -> (H, W) bool pixel mask, each cell a d x d block."""
+    up = np.repeat(np.repeat(cells, d, axis=0), d, axis=1)
+    out = np.zeros(shape, dtype=bool)
+    H, W = min(shape[0], up.shape[0]), min(shape[1], up.shape[1])
+    out[:H, :W] = up[:H, :W]
+    return out
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of a (H, W) bool mask that touch a pixel outside it (4-neighbourhood or the border)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    return mask & ~inner
+
+
+def _clean(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+
+
+class CodebookExplorer:
+    """Encoded test slices with their index maps and reconstructions, for browsing the codebook.
+
+    model: a VQVAE (`encode`, `decode_indices`, `config.codebook_size`, `config.downsample`), already
+    on `device`; it is put in eval mode. images: (N, H, W) float in [0, 1]. names: N slice names
+    (default "slice i"). After construction: `indices` (N, h, w) int64, `recon` (N, H, W) float32
+    clipped to [0, 1].
+    """
+
+    def __init__(self, model, images: np.ndarray, names: Sequence[str] | None = None, *,
+                 device: str | torch.device = "cpu", batch_size: int = 64, progress: bool = False):
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 3:
+            raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
+        if names is None:
+            names = [f"slice {i}" for i in range(len(images))]
+        if len(names) != len(images):
+            raise ValueError(f"{len(names)} names for {len(images)} images")
+        self.model = model
+        self.images = images
+        self.names = list(names)
+        self.device = torch.device(device)
+        self.n_codes = int(model.config.codebook_size)
+        self.downsample = int(model.config.downsample)
+        self.colours = code_colours(self.n_codes)
+        self._patches: dict[int, np.ndarray] = {}
+        self.model.eval()
+        self.recon, self.indices = reconstruct(model, images, batch_size, self.device, progress=progress)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @torch.no_grad()
+    def code_patch(self, code: int) -> np.ndarray:
+        """What one code decodes to: a map filled with `code`, decoded, central PATCH_CELLS cells.
+
+        Returns (P, P) float32 in [0, 1] with P = PATCH_CELLS * downsample (cached per code).
+        """
+        code = self._check_code(code)
+        if code not in self._patches:
+            n = PATCH_CELLS + 2 * PATCH_MARGIN
+            idx = torch.full((1, n, n), code, dtype=torch.int64, device=self.device)
+            out = self.model.decode_indices(idx)[0, 0].clamp(0, 1).cpu().numpy()
+            d, m = self.downsample, PATCH_MARGIN * self.downsample
+            self._patches[code] = out[m:m + PATCH_CELLS * d, m:m + PATCH_CELLS * d].astype(np.float32)
+        return self._patches[code]
+
+    def _check_code(self, code: int) -> int:
+        code = int(code)
+        if not 0 <= code < self.n_codes:
+            raise ValueError(f"code {code} outside the codebook [0, {self.n_codes})")
+        return code
+
+    def codes_by_use(self, index: int) -> list[tuple[int, int]]:
+        """(code, cells) pairs of one slice, most used first (ties by code)."""
+        codes, counts = np.unique(self.indices[index], return_counts=True)
+        return sorted(zip(codes.tolist(), counts.tolist()), key=lambda cc: (-cc[1], cc[0]))
+
+    def view(self, index: int, code: int | None = None) -> dict:
+        """The data for one state: slice `index` with `code` highlighted (None: no code).
+
+        Keys: index, name, code; image, recon (H, W) float32; indices (h, w) int64; highlight (h, w)
+        bool (indices == code); pixel_highlight (H, W) bool (highlight blown up to d x d blocks);
+        code_patch (P, P) float32 or None; codes_in_slice sorted unique codes; usage (cells using code).
+        """
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"slice {index} outside [0, {len(self)})")
+        index %= len(self)
+        indices = self.indices[index]
+        if code is None:
+            highlight = np.zeros(indices.shape, dtype=bool)
+            patch = None
+        else:
+            code = self._check_code(code)
+            highlight = indices == code
+            patch = self.code_patch(code)
+        return {
+            "index": index,
+            "name": self.names[index],
+            "code": code,
+            "image": self.images[index],
+            "indices": indices,
+            "recon": self.recon[index],
+            "highlight": highlight,
+            "pixel_highlight": _block_mask(highlight, self.downsample, self.images.shape[1:]),
+            "code_patch": patch,
+            "codes_in_slice": np.unique(indices),
+            "usage": int(highlight.sum()),
+        }
+
+    def index_map_rgba(self, indices: np.ndarray, highlight: np.ndarray | None = None) -> np.ndarray:
+        """(h, w) code indices -> (h, w, 4) RGBA in the code palette.
+
+        With a highlight ((h, w) bool) that has any cell set, those cells take the HIGHLIGHT colour (as on
+        the image overlay) and all others are washed out towards white.
+        """
+        rgba = self.colours[indices].copy()
+        if highlight is not None and highlight.any():
+            rgba[~highlight, :3] = 0.3 * rgba[~highlight, :3] + 0.7
+            rgba[highlight, :3] = HIGHLIGHT
+        return rgba
+
+    def _draw(self, fig: Figure, state: dict) -> Figure:
+        """Draw one state as one row: image (+overlay), index map, reconstruction, code patch."""
+        axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [2, 2, 2, 1]})
+        vmax = max(float(np.percentile(state["image"], 99.5)), 1e-6)
+        code, usage = state["code"], state["usage"]
+        axes[0].imshow(viz.oriented(state["image"]), cmap="gray", vmin=0, vmax=vmax,
+                       interpolation="nearest")
+        if code is not None:
+            mask = state["pixel_highlight"]
+            overlay = np.zeros(mask.shape + (4,))
+            overlay[..., :3] = HIGHLIGHT
+            overlay[..., 3] = np.where(_outline(mask), 1.0, np.where(mask, 0.45, 0.0))
+            axes[0].imshow(viz.oriented(overlay), interpolation="nearest")
+        axes[0].set_title(state["name"], fontsize=9)
+        axes[1].imshow(viz.oriented(self.index_map_rgba(state["indices"], state["highlight"])),
+                       interpolation="nearest")
+        n_used = len(state["codes_in_slice"])
+        axes[1].set_title(f"code indices ({n_used} codes)" if code is None
+                          else f"code {code}: {usage} of {state['indices'].size} cells", fontsize=9)
+        axes[2].imshow(viz.oriented(state["recon"]), cmap="gray", vmin=0, vmax=vmax,
+                       interpolation="nearest")
+        axes[2].set_title("reconstruction", fontsize=9)
+        if state["code_patch"] is None:
+            axes[3].text(0.5, 0.5, "choose\na code", ha="center", va="center", fontsize=9, color="grey")
+        else:
+            axes[3].imshow(viz.oriented(state["code_patch"]), cmap="gray", vmin=0, vmax=vmax,
+                           interpolation="nearest")
+            axes[3].set_title(f"code {code} alone", fontsize=9)
+        for ax in axes:
+            _clean(ax)
+        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.86, wspace=0.08)
+        return fig
+
+    def figure(self, index: int, code: int | None = None,
+               path: str | Path | None = None) -> plt.Figure:
+        """One state as a saved, displayed figure (see `_draw`)."""
+        fig = plt.figure(figsize=(10.5, 2.0))
+        self._draw(fig, self.view(index, code))
+        return viz.save(fig, path)
+
+    def render_png(self, state: dict) -> bytes:
+        """PNG bytes of one state, drawn off-screen (no pyplot figure, nothing displayed)."""
+        fig = Figure(figsize=(10.5, 2.0))
+        self._draw(fig, state)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=WIDGET_DPI, metadata={"Software": None})
+        return buf.getvalue()
+
+    def _code_options(self, index: int) -> list[tuple[str, int]]:
+        return [("no code", NO_CODE)] + [(f"code {c} ({n} cells)", c) for c, n in self.codes_by_use(index)]
+
+    def widget(self) -> ipywidgets.VBox:
+        """A slider over slices, a dropdown of the slice's codes and the rendered figure (ipywidgets.VBox).
+
+        Sets self.slider, self.code (Dropdown; value NO_CODE means none), self.image (ipywidgets.Image)
+        and self.state (the current `view` dict); changing either control re-renders.
+        """
+        import ipywidgets as w
+
+        self.slider = w.IntSlider(value=0, min=0, max=max(len(self) - 1, 0), description="slice",
+                                  continuous_update=False)
+        self.code = w.Dropdown(options=self._code_options(0), value=NO_CODE, description="code")
+        self.state = self.view(0)
+        self.image = w.Image(value=self.render_png(self.state), format="png")
+        syncing = False
+
+        def chosen() -> int | None:
+            value = self.code.value
+            return None if value is None or value == NO_CODE else int(value)
+
+        def render() -> None:
+            self.state = self.view(self.slider.value, chosen())
+            self.image.value = self.render_png(self.state)
+
+        def on_slice(change) -> None:
+            nonlocal syncing
+            keep = chosen()
+            options = self._code_options(change["new"])
+            syncing = True  # replacing the options fires value changes: render once, below
+            try:
+                self.code.options = options
+                self.code.value = keep if keep in {v for _, v in options[1:]} else NO_CODE
+            finally:
+                syncing = False
+            render()
+
+        def on_code(change) -> None:
+            if not syncing:
+                render()
+
+        self.slider.observe(on_slice, names="value")
+        self.code.observe(on_code, names="value")
+        return w.VBox([w.HBox([self.slider, self.code]), self.image])
+
+
+def explorer_grid(explorer: CodebookExplorer, indices: Sequence[int],
+                  path: str | Path | None) -> plt.Figure:
+    """The static explorer figure: one row per chosen slice; image, code index map, reconstruction.
+
+    Reconstruction titles carry the slice's SSIM against the image (`metrics.ssim_psnr`).
+    """
+    if len(indices) == 0:
+        raise ValueError("explorer_grid needs at least one slice index")
+    rows = [explorer.view(i) for i in indices]
+    ssims, _ = metrics.ssim_psnr(np.stack([r["recon"] for r in rows]), np.stack([r["image"] for r in rows]))
+    fig, axes = plt.subplots(len(rows), 3, figsize=(8.4, 1.75 * len(rows) + 0.3), squeeze=False)
+    for ax_row, state, ssim in zip(axes, rows, ssims):
+        image, recon = state["image"], state["recon"]
+        vmax = max(float(np.percentile(image, 99.5)), 1e-6)
+        ax_row[0].imshow(viz.oriented(image), cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
+        ax_row[0].set_title(state["name"], fontsize=9)
+        ax_row[1].imshow(viz.oriented(explorer.index_map_rgba(state["indices"])), interpolation="nearest")
+        ax_row[1].set_title(f"code indices ({len(state['codes_in_slice'])} codes)", fontsize=9)
+        ax_row[2].imshow(viz.oriented(recon), cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
+        ax_row[2].set_title(f"reconstruction (SSIM {ssim:.3f})", fontsize=9)
+        for ax in ax_row:
+            _clean(ax)
+    fig.tight_layout(h_pad=0.5, w_pad=0.4)
+    return viz.save(fig, path)

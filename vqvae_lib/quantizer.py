@@ -1,0 +1,242 @@
+"""The vector quantiser of the VQ-VAE (van den Oord et al. 2017, "Neural Discrete Representation Learning").
+
+The encoder gives one D-dimensional vector z_e per latent position. The quantiser replaces each by the nearest of
+K code vectors e_1..e_K (the codebook) and trains with
+
+    loss = ||sg[z_e] - e||^2  +  beta * ||z_e - sg[e]||^2        (sg = stop-gradient)
+           codebook loss         commitment loss
+
+Gradients skip the non-differentiable nearest-code lookup: the decoder's gradient is copied straight through
+to the encoder ("straight-through estimator").
+
+On top of the paper's plain version, three optional fixes against codebook collapse (few codes ever used):
+
+- ``ema``: move each code to the exponential moving average of the vectors assigned to it (paper, appendix A.1)
+  instead of learning it by gradient descent;
+- ``init``: start the codebook from the encoder's outputs ("sample" or "kmeans") instead of random numbers;
+- ``restart``: re-set codes that are (nearly) never chosen to random encoder outputs of the current batch.
+
+All state lives in registered buffers, so a checkpoint (``state_dict``) restores it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INITS = ("uniform", "sample", "kmeans")
+KMEANS_MAX_POINTS = 20_000  # k-means at initialisation runs on at most this many sampled encoder outputs
+
+
+@dataclass
+class QuantizerOutput:
+    """What one forward pass of `VectorQuantizer` returns (all scalars are fp32 0-d tensors)."""
+
+    quantized: torch.Tensor  # (B, D, h, w): forward value = the chosen codes, gradient flows to the encoder output
+    indices: torch.Tensor  # (B, h, w) int64: index of the chosen code at each position
+    loss: torch.Tensor  # codebook_loss + beta * commitment: add it to the reconstruction loss
+    commitment: torch.Tensor  # mean ||z_e - sg[e]||^2, before beta
+    codebook_loss: torch.Tensor  # mean ||sg[z_e] - e||^2; exactly 0 with ema=True (EMA moves the codes instead)
+    perplexity: torch.Tensor  # exp(entropy of the code histogram of this batch): K when all codes are used equally
+
+
+def nearest_code(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code vector for each row of `flat`: (N, D), codebook (K, D) -> (N,) int64.
+
+    Squared distances come from the expansion ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2: one (N, K) matrix
+    product instead of an (N, K, D) tensor of differences.
+    """
+    flat, codebook = flat.float(), codebook.float()
+    distances = torch.addmm(
+        flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1),  # ||z||^2 + ||e||^2: (N, 1) + (K,) -> (N, K)
+        flat, codebook.t(), alpha=-2.0,  # - 2 z.e
+    )
+    return distances.argmin(1)
+
+
+def sample_rows(flat: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` randomly chosen rows of `flat`: (N, D) -> (n, D), from torch's global RNG.
+
+    Without replacement when N >= n; otherwise with replacement plus small noise (1% of the data's spread), so
+    repeated rows still differ by more than the rounding error of `nearest_code`'s distances.
+    """
+    if len(flat) >= n:
+        return flat[torch.randperm(len(flat), device=flat.device)[:n]]
+    rows = flat[torch.randint(len(flat), (n,), device=flat.device)]
+    return rows + 0.01 * (flat.std() + 1e-6) * torch.randn_like(rows)
+
+
+def kmeans(points: torch.Tensor, k: int, iters: int) -> torch.Tensor:
+    """`k` centroids of `points`: (N, D) -> (k, D), by `iters` rounds of Lloyd's k-means started from samples."""
+    centroids = sample_rows(points, k)
+    for _ in range(iters):
+        assign = nearest_code(points, centroids)
+        counts = torch.bincount(assign, minlength=k).unsqueeze(1).float()  # (k, 1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, points)  # (k, D)
+        # Each centroid moves to the mean of its points; one left without points stays where it is.
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return centroids
+
+
+class VectorQuantizer(nn.Module):
+    """Replace each encoder output vector by its nearest code vector: z (B, D, h, w) -> `QuantizerOutput`.
+
+    Args:
+        num_codes: K, the number of code vectors.
+        dim: D, the length of each code vector (the encoder's output channels).
+        beta: weight of the commitment loss (the paper uses 0.25).
+        ema: learn the codebook by exponential moving averages (True) or by the codebook loss (False).
+        decay: EMA decay of the codebook statistics.
+        usage_decay: EMA decay of each code's usage share, which decides when a code is dead. Short on purpose:
+            with 0.9 a code unused for about 45 steps is restarted, early enough to matter in a short run.
+        eps: Laplace smoothing of the EMA cluster sizes.
+        init: "uniform" (the paper: uniform(-1/K, 1/K)), "sample" (random encoder outputs) or "kmeans"
+            (k-means on the encoder outputs); the last two run on the first forward pass in training mode.
+        restart: re-set codes whose smoothed usage falls below `restart_threshold / num_codes`.
+        restart_threshold: see `restart`.
+        kmeans_iters: k-means iterations for init="kmeans".
+
+    Nothing changes in eval mode: the forward pass is then a pure nearest-code lookup.
+    Plain paper version: ``VectorQuantizer(K, D, ema=False, init="uniform", restart=False)``.
+    """
+
+    def __init__(self, num_codes: int, dim: int, *, beta: float = 0.25, ema: bool = True, decay: float = 0.99,
+                 usage_decay: float = 0.9, eps: float = 1e-5, init: str = "kmeans", restart: bool = True,
+                 restart_threshold: float = 0.01, kmeans_iters: int = 10) -> None:
+        super().__init__()
+        if num_codes < 1 or dim < 1:
+            raise ValueError(f"num_codes and dim must be positive, got {num_codes} and {dim}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        for name, value in (("decay", decay), ("usage_decay", usage_decay)):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {value}")
+        self.num_codes, self.dim = num_codes, dim
+        self.beta, self.ema, self.decay, self.usage_decay, self.eps = beta, ema, decay, usage_decay, eps
+        self.init, self.kmeans_iters = init, kmeans_iters
+        self.restart, self.restart_threshold = restart, restart_threshold
+
+        codebook = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)
+        if ema:
+            # Moved by EMA, not by the optimiser: codebook = embed_sum / cluster_size (smoothed).
+            self.register_buffer("codebook", codebook)
+            self.register_buffer("cluster_size", torch.ones(num_codes))  # EMA of N_k, the vectors assigned to code k
+            self.register_buffer("embed_sum", codebook.clone())  # EMA of m_k, the sum of those vectors
+        else:
+            self.codebook = nn.Parameter(codebook)
+        self.register_buffer("initialized", torch.tensor(init == "uniform"))
+        self.register_buffer("usage", torch.full((num_codes,), 1.0 / num_codes))  # EMA of each code's share
+        self.register_buffer("restart_count", torch.zeros((), dtype=torch.long))
+
+    @property
+    def restarts_total(self) -> int:
+        """How many code restarts have happened so far (saved in the state_dict as `restart_count`)."""
+        return int(self.restart_count)
+
+    @torch.no_grad()
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code for each vector: flat (N, D) -> (N,) int64."""
+        return nearest_code(flat, self.codebook)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code vectors at the given indices: (B, h, w) int64 -> (B, D, h, w)."""
+        return F.embedding(indices, self.codebook).permute(0, 3, 1, 2)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantise the encoder output z_e: z (B, D, h, w) -> `QuantizerOutput`; computed in fp32."""
+        if z.dim() != 4 or z.shape[1] != self.dim:
+            raise ValueError(f"expected z of shape (B, {self.dim}, h, w), got {tuple(z.shape)}")
+        b, _, h, w = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z_e = z.float()
+            # One row per latent position; choosing codes and updating them needs no gradient.
+            flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, self.dim)  # (N, D), N = B*h*w vectors
+
+            # 1. Data-dependent initialisation, once, on the first training batch.
+            if self.training and not self.initialized:
+                self._init_from_data(flat)
+
+            # 2. Nearest code for every vector, and the chosen code vectors e.
+            indices = self.nearest(flat)  # (N,)
+            e = self.lookup(indices.view(b, h, w))  # (B, D, h, w)
+
+            # 3. The two loss terms. The commitment loss pulls the encoder output towards its code; the codebook
+            #    loss pulls the code towards the encoder output (with EMA, the update in step 6 does that instead).
+            commitment = F.mse_loss(z_e, e.detach())
+            codebook_loss = z_e.new_zeros(()) if self.ema else F.mse_loss(e, z_e.detach())
+            loss = codebook_loss + self.beta * commitment
+
+            # 4. Straight-through estimator: the forward value is exactly e (z_e - sg[z_e] = 0), while the backward
+            #    pass copies the decoder's gradient to z_e unchanged (and none to the codebook).
+            quantized = e.detach() + (z_e - z_e.detach())
+
+            # 5. Code usage in this batch: perplexity = exp(entropy of the code histogram).
+            probs = torch.bincount(indices, minlength=self.num_codes).float() / len(indices)  # (K,)
+            perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum())
+
+            # 6. Training only: update the codebook (EMA), track code usage, restart dead codes. This batch has
+            #    already been quantised with the codebook as it was before these updates.
+            if self.training:
+                with torch.no_grad():
+                    if self.ema:
+                        self._ema_update(flat, F.one_hot(indices, self.num_codes).float())
+                    self.usage.mul_(self.usage_decay).add_(probs, alpha=1.0 - self.usage_decay)
+                    if self.restart:
+                        self._restart_dead_codes(flat)
+
+        return QuantizerOutput(quantized=quantized.to(z.dtype), indices=indices.view(b, h, w), loss=loss,
+                               commitment=commitment, codebook_loss=codebook_loss, perplexity=perplexity)
+
+    @torch.no_grad()
+    def _init_from_data(self, flat: torch.Tensor) -> None:
+        """Set every code from the encoder outputs flat (N, D) of the first training batch."""
+        if self.init == "sample":
+            codes = sample_rows(flat, self.num_codes)
+        else:
+            points = sample_rows(flat, min(len(flat), KMEANS_MAX_POINTS))
+            codes = kmeans(points, self.num_codes, self.kmeans_iters)
+        self._reset_codes(torch.arange(self.num_codes, device=flat.device), codes)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, onehot: torch.Tensor) -> None:
+        """Move each code to the EMA of the vectors assigned to it: flat (N, D), onehot (N, K) assignments.
+
+        Multi-GPU hook: all-reduce (sum) `counts` and `sums` across processes right after computing them.
+        """
+        counts = onehot.sum(0)  # n_k: how many vectors chose code k in this batch, (K,)
+        sums = onehot.t() @ flat  # the sum of those vectors, (K, D)
+        # Moving averages (paper, appendix A.1):
+        # N_k <- decay N_k + (1 - decay) n_k  and  m_k <- decay m_k + (1 - decay) sums_k
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
+        # Laplace smoothing keeps a code nobody chooses from dividing by zero:
+        # smoothed N_k = (N_k + eps) / (N + K eps) * N, where N = sum_k N_k (the total stays N).
+        total = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (total + self.num_codes * self.eps) * total
+        # Each code becomes the (smoothed) mean of the vectors that chose it: e_k = m_k / N_k.
+        self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+        """Re-set codes whose smoothed usage is below threshold to random encoder outputs of flat (N, D)."""
+        dead = torch.nonzero(self.usage < self.restart_threshold / self.num_codes).squeeze(1)
+        if len(dead) > 0:
+            self._reset_codes(dead, sample_rows(flat, len(dead)))
+            self.restart_count += len(dead)
+
+    @torch.no_grad()
+    def _reset_codes(self, idx: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Set codes `idx` (n,) to `vectors` (n, D), as if each had just been chosen once, by itself.
+
+        With EMA their statistics restart too (count 1, sum = the vector), so the old averages do not pull them
+        straight back; their usage restarts at 1/K, which gives them time to be chosen before the next restart.
+        """
+        self.codebook[idx] = vectors
+        if self.ema:
+            self.cluster_size[idx] = 1.0
+            self.embed_sum[idx] = vectors
+        self.usage[idx] = 1.0 / self.num_codes
