@@ -58,13 +58,6 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def _clean(ax) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for s in ax.spines.values():
-        s.set_visible(False)
-
-
 class CodebookExplorer:
     """Encoded test slices with their index maps and reconstructions, for browsing the codebook.
 
@@ -197,7 +190,7 @@ class CodebookExplorer:
                            interpolation="nearest")
             axes[3].set_title(f"code {code} alone", fontsize=9)
         for ax in axes:
-            _clean(ax)
+            viz.bare(ax)
         fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.86, wspace=0.08)
         return fig
 
@@ -284,6 +277,6 @@ def explorer_grid(explorer: CodebookExplorer, indices: Sequence[int],
         ax_row[2].imshow(viz.oriented(recon), cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
         ax_row[2].set_title(f"reconstruction (SSIM {ssim:.3f})", fontsize=9)
         for ax in ax_row:
-            _clean(ax)
+            viz.bare(ax)
     fig.tight_layout(h_pad=0.5, w_pad=0.4)
     return viz.save(fig, path)

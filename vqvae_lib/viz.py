@@ -59,12 +59,17 @@ def _grid(n: int, ncols: int, panel: tuple[float, float]):
     return fig, axes.ravel()
 
 
-def _show(ax, image: np.ndarray, title: str | None = None, vmax: float | None = None) -> None:
-    ax.imshow(oriented(image), cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
+def bare(ax) -> None:
+    """Hide an image panel's ticks and frame."""
     ax.set_xticks([])
     ax.set_yticks([])
     for s in ax.spines.values():
         s.set_visible(False)
+
+
+def _show(ax, image: np.ndarray, title: str | None = None, vmax: float | None = None) -> None:
+    ax.imshow(oriented(image), cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
+    bare(ax)
     if title:
         ax.set_title(title, fontsize=9)
 
