@@ -54,9 +54,9 @@ import torch
 from IPython.display import Code, display
 
 import vqvae_lib
-from vqvae_lib import data, viz
+from vqvae_lib import data, metrics, viz
 from vqvae_lib.model import VQVAE, ModelConfig
-from vqvae_lib.quantizer import VectorQuantizer
+from vqvae_lib.quantizer import VectorQuantizer, nearest_code
 
 torch.manual_seed(SEED)
 print(f"python {platform.python_version()}, torch {torch.__version__}, vqvae_lib {vqvae_lib.__version__}")
@@ -76,8 +76,6 @@ def show_source(obj) -> None:
 # ||z - e||² = ||z||² - 2 z·e + ||e||², needs only one N x K matrix product:
 
 # %%
-from vqvae_lib.quantizer import nearest_code  # noqa: E402
-
 show_source(nearest_code)
 
 # %% [markdown]
@@ -220,11 +218,12 @@ def usage_run(plain: bool, steps: int, every: int) -> dict:
     for step in range(steps + 1):
         if step % every == 0 or step == steps:
             model.eval()
-            codes = torch.cat([model.encode(val[i:i + 64]) for i in range(0, len(val), 64)]).flatten()
-            p = torch.bincount(codes, minlength=128).float() / codes.numel()
+            usage = metrics.CodeUsage(128)
+            for i in range(0, len(val), 64):
+                usage.update(model.encode(val[i:i + 64]))
             history["step"].append(step)
-            history["active codes"].append(int((p > 0).sum()))
-            history["perplexity"].append(float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())))
+            history["active codes"].append(usage.active)
+            history["perplexity"].append(usage.perplexity)
         model.train()
         batch = images[torch.randint(len(images), (16,), generator=gen)]
         out = model(batch)
