@@ -26,7 +26,7 @@
 #
 # **Expected run time:** on a CPU the notebook trains a short demonstration run (about a minute on 2 cores)
 # and shows the curves of the committed checkpoint `checkpoints/default.pt`, trained with the command in
-# the README (30 epochs took 20 minutes on 2 CPU cores). With a GPU it runs those 30 epochs itself
+# the README (30 epochs, about 23 minutes on 2 CPU cores). With a GPU it runs those 30 epochs itself
 # (GPU timings are not measured yet).
 
 # %% tags=["parameters"]
@@ -73,6 +73,9 @@ print(f"device: {device}; {'full training run' if full else 'short demonstration
 # - a 4x latent grid (64 x 32 codes) so that each code describes a small patch;
 # - EMA codebook updates, k-means initialisation from the first batch's encoder outputs and restarts of
 #   dead codes, so the whole codebook is used;
+# - a reconstruction loss of MSE + 0.5 (1 - SSIM). MSE alone rewards a blurred average of the noisy fat
+#   texture; the SSIM term (the same 7 x 7 window as the metric, written in torch so it has gradients:
+#   `metrics.ssim_torch`) rewards local contrast and structure, which is what we judge reconstructions by;
 # - a learning rate with warm-up and cosine decay;
 # - bf16 autocast and channels-last memory for speed (the quantizer stays in fp32).
 
@@ -124,8 +127,9 @@ epochs = [h["epoch"] for h in curve]
 viz.curves({
     "training loss": {"total": (epochs, [h["train_loss"] for h in curve]),
                       "reconstruction (MSE)": (epochs, [h["train_recon"] for h in curve])},
+    "SSIM": {"training batches": (epochs, [h["train_ssim"] for h in curve]),
+             "validation": (epochs, [h["val_ssim"] for h in curve])},
     "validation reconstruction (MSE)": {"default": (epochs, [h["val_recon"] for h in curve])},
-    "validation SSIM": {"default": (epochs, [h["val_ssim"] for h in curve])},
     "validation PSNR (dB)": {"default": (epochs, [h["val_psnr"] for h in curve])},
     "codebook perplexity (validation)": {"default": (epochs, [h["val_perplexity"] for h in curve])},
     "active codes (validation)": {"default": (epochs, [h["val_active"] for h in curve])},
@@ -149,8 +153,8 @@ viz.reconstructions(originals, recon, [val.files[i].name for i in pick], FIGS / 
 # %% [markdown]
 # ## Questions
 #
-# 1. The model is trained on MSE but selected on SSIM. Compare the two curves: can a model improve one and
-#    not the other? What would training on an SSIM loss change?
+# 1. Train with `ssim_weight=0` (MSE alone, as in the paper) for the same epochs and compare validation SSIM
+#    and PSNR with the default. Why can a model improve SSIM while its PSNR gets worse?
 # 2. What would the active-codes curve of the `seed` preset look like? (Notebook 05 compares them.)
 # 3. Why must `best.pt` be chosen on the validation split and never on the test split?
 # 4. Resuming restores the optimizer and the random number generator as well as the weights. What would

@@ -7,7 +7,8 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from vqvae_lib.metrics import CodeUsage, ssim_foreground, ssim_psnr
+from vqvae_lib.metrics import (CodeUsage, high_frequency_share, in_real_range, nearest_by_ssim, slice_stats,
+                               ssim_foreground, ssim_psnr, ssim_torch)
 
 
 @pytest.fixture
@@ -31,6 +32,23 @@ def test_psnr_of_a_known_error_matches_the_formula():
     ssim, psnr = ssim_psnr(recon, target)
     np.testing.assert_allclose(psnr, [20.0, 10 * np.log10(1 / 0.02)], rtol=1e-9)
     assert (ssim < 1).all()
+
+
+def test_torch_ssim_matches_skimage_and_has_a_gradient(images):
+    rng = np.random.default_rng(1)
+    recon = np.clip(images + rng.normal(0, 0.1, images.shape), 0, 1)
+    reference = np.array([structural_similarity(t, r, data_range=1.0) for r, t in zip(recon, images.astype(float))])
+    x = torch.tensor(recon[:, None], dtype=torch.float64, requires_grad=True)
+    ssim = ssim_torch(x, torch.tensor(images[:, None], dtype=torch.float64))
+    np.testing.assert_allclose(ssim.detach().numpy(), reference, rtol=1e-10)
+    assert (reference < 0.95).all()  # far from the trivial value 1
+    ssim.sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_torch_ssim_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        ssim_torch(torch.zeros(2, 1, 16, 16), torch.zeros(2, 16, 16))
 
 
 def test_recon_is_clipped_to_the_data_range(images):
@@ -105,3 +123,33 @@ def test_code_usage_refuses_out_of_range_and_non_integer_indices():
     counts = usage.counts
     counts[0] = 99                                        # a copy: the accumulator is untouched
     assert usage.counts[0] == 0
+
+
+def test_high_frequency_share_of_known_patterns():
+    y, x = np.mgrid[0:32, 0:32]
+    slow = np.cos(2 * np.pi * x / 16.0)        # 1/16 cycles per pixel: below the 0.25 cutoff
+    fast = np.cos(2 * np.pi * x * 3 / 8.0)     # 3/8 cycles per pixel: above it
+    np.testing.assert_allclose(high_frequency_share(np.stack([slow, fast, slow + fast, np.zeros_like(slow)])),
+                               [0.0, 1.0, 0.5, 0.0], atol=1e-12)
+
+
+def test_slice_stats_and_real_range():
+    images = np.zeros((2, 8, 8))
+    images[0, 2:6, 2:6] = 0.5                  # 16 of 64 pixels
+    stats = slice_stats(images)
+    assert stats.shape == (2, 4)
+    np.testing.assert_allclose(stats[0, :2], [16 * 0.5 / 64, 16 / 64])
+    np.testing.assert_array_equal(stats[1], 0.0)
+    real = np.stack([np.linspace(0, 1, 101)] * 4, 1)
+    inside = in_real_range(np.array([[0.5, 0.5, 0.5, 0.5], [0.5, 0.999, 0.0, 0.5]]), real)
+    np.testing.assert_array_equal(inside, [[True] * 4, [True, False, False, True]])
+
+
+def test_nearest_by_ssim_finds_the_copy(images):
+    reference = np.random.default_rng(2).uniform(0, 1, (5, 32, 24)).astype(np.float32)
+    reference[3] = images[1]
+    ssim, index = nearest_by_ssim(images[1:2], reference, batch_size=2)
+    assert index.tolist() == [3] and ssim[0] == pytest.approx(1.0)
+    expected = [structural_similarity(r.astype(float), images[0].astype(float), data_range=1.0) for r in reference]
+    ssim, index = nearest_by_ssim(images[:1], reference)
+    assert index[0] == int(np.argmax(expected)) and ssim[0] == pytest.approx(max(expected), abs=1e-5)

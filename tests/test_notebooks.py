@@ -15,6 +15,9 @@ FIGURES = {
     "04": ["04_training_curves.png", "04_reconstructions.png"],
     "05": ["05_metric_distributions.png", "05_per_scan.png", "05_best_worst.png", "05_code_usage.png",
            "05_explorer.png", "05_explorer_code.png"],
+    "06": ["06_index_maps.png", "06_causality.png", "06_prior_curves.png", "06_samples.png",
+           "06_nearest_neighbours.png", "06_sample_stats.png"],
+    "07": ["07_vae_curves.png", "07_reconstructions.png", "07_sharpness.png", "07_samples.png"],
 }
 
 
@@ -94,3 +97,22 @@ def test_05_scores_both_models_next_to_the_baseline(executed):
     text = _text(executed[0]["05"])
     for row in ("default", "default recipe, 8x", "seed recipe, 8x", "mean-image baseline"):
         assert row in text
+
+
+def test_06_checks_causality_and_scores_samples(executed):
+    text = _text(executed[0]["06"])
+    assert "positions at or after (7, 5) that change its logits: 0 of 39" in text
+    assert "the upper right neighbour (6, 6) among them: True" in text
+    assert "uniform guess: 6.238 nats = 9.00 bits per latent" in text
+    assert "checkpoints/prior_8x.pt: best validation NLL" in text
+    assert "SSIM to the nearest training slice: samples" in text
+    assert "samples in the range of real training slices: all four" in text
+    assert "samples in the range of their VQ-VAE reconstructions: all four" in text
+
+
+def test_07_compares_the_two_models(executed):
+    text = _text(executed[0]["07"])
+    assert "device: cpu; short demonstration run" in text
+    for name in ("VQ-VAE  test SSIM", "VAE     test SSIM", "VAE recon      high-frequency share",
+                 "VQ-VAE + prior  samples with all four statistics in range:"):
+        assert name in text

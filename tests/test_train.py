@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vqvae_lib import train as T
+from vqvae_lib import runs, train as T
 from vqvae_lib.checkpoint import CheckpointError, load_checkpoint, load_model
 from vqvae_lib.cli import main
 from vqvae_lib.data import load_split
@@ -18,7 +18,7 @@ from vqvae_lib.metrics import CodeUsage, ssim_psnr
 from vqvae_lib.model import VQVAE
 
 TINY = dict(hidden=16, res_hidden=8, codebook_size=32, embed_dim=8)
-RECORD_KEYS = {"epoch", "lr", "train_loss", "train_recon", "train_commitment", "train_codebook", "val_recon",
+RECORD_KEYS = {"epoch", "lr", "train_loss", "train_recon", "train_ssim", "train_commitment", "train_codebook", "val_recon",
                "val_ssim", "val_psnr", "val_perplexity", "val_active", "restarts", "seconds", "images_per_s"}
 TIMING = ("seconds", "images_per_s")
 
@@ -97,13 +97,13 @@ def test_presets_hold_the_two_recipes():
     assert seed.model == {"in_channels": 1, "hidden": 128, "res_hidden": 32, "n_res": 2, "downsample": 8,
                           "codebook_size": 512, "embed_dim": 128, "beta": 0.25, "ema": False, "decay": 0.99,
                           "usage_decay": 0.9, "init": "uniform", "restart": False}
-    assert (seed.lr, seed.schedule, seed.batch_size, seed.amp, seed.channels_last) \
-        == (1e-3, "constant", 32, False, False)
+    assert (seed.lr, seed.schedule, seed.batch_size, seed.amp, seed.channels_last, seed.ssim_weight) \
+        == (1e-3, "constant", 32, False, False, 0.0)
     assert default.model == {"in_channels": 1, "hidden": 64, "res_hidden": 32, "n_res": 2, "downsample": 4,
                              "codebook_size": 512, "embed_dim": 64, "beta": 0.25, "ema": True, "decay": 0.99,
                              "usage_decay": 0.9, "init": "kmeans", "restart": True}
-    assert (default.lr, default.schedule, default.final_lr, default.batch_size, default.amp, default.channels_last) \
-        == (1e-3, "cosine", 0.1, 32, True, True)
+    assert (default.lr, default.schedule, default.final_lr, default.batch_size, default.amp, default.channels_last,
+            default.ssim_weight) == (1e-3, "cosine", 0.1, 32, True, True, 0.5)
 
 
 def test_make_config_routes_overrides_and_round_trips():
@@ -157,6 +157,9 @@ def test_a_run_writes_checkpoints_and_metrics_with_every_field(run3):
         assert set(record) == RECORD_KEYS
         assert all(math.isfinite(v) for v in record.values()), record
         assert record["train_loss"] > record["train_recon"] > 0 and record["train_commitment"] > 0
+        assert 0 < record["train_ssim"] < 1
+        assert record["train_loss"] == pytest.approx(record["train_recon"] + 0.5 * (1 - record["train_ssim"])
+                                                     + 0.25 * record["train_commitment"] + record["train_codebook"])
         assert record["train_codebook"] == 0.0                            # EMA codebook: no codebook loss
         assert 0 < record["val_recon"] < 1 and -1 < record["val_ssim"] < 1 and record["val_psnr"] > 0
         assert 1 <= record["val_perplexity"] <= record["val_active"] <= 32
@@ -202,14 +205,17 @@ def test_resuming_with_more_epochs_equals_a_longer_run(tiny_phantom, tmp_path):
     assert untimed(history) == untimed(straight) and len(history) == 3
     assert_same_run(tmp_path / "a", tmp_path / "b")
     assert history[0]["train_codebook"] > 0 and history[0]["lr"] == history[2]["lr"] == 1e-3
+    first = history[0]  # ssim_weight 0: the loss is MSE + VQ loss, with SSIM only recorded
+    assert first["train_loss"] == pytest.approx(first["train_recon"] + 0.25 * first["train_commitment"]
+                                                 + first["train_codebook"]) and -1 < first["train_ssim"] < 1
 
 
 def test_resuming_a_finished_run_changes_nothing(run3, tiny_phantom):
     out, history = run3
-    before = {name: (out / name).read_bytes() for name in T.RUN_FILES}
+    before = {name: (out / name).read_bytes() for name in runs.RUN_FILES}
     for epochs in (3, 2):
         assert T.train(tiny_phantom, out, tiny(epochs=epochs), resume=True, progress=False) == history
-    assert {name: (out / name).read_bytes() for name in T.RUN_FILES} == before
+    assert {name: (out / name).read_bytes() for name in runs.RUN_FILES} == before
 
 
 def test_resuming_with_another_config_is_refused(run3, tiny_phantom, tmp_path):
@@ -227,10 +233,10 @@ def test_resuming_with_another_config_is_refused(run3, tiny_phantom, tmp_path):
 
 def test_an_existing_run_is_not_overwritten_unless_asked(run3, tiny_phantom, tmp_path):
     out, _ = run3
-    before = {name: (out / name).read_bytes() for name in T.RUN_FILES}
+    before = {name: (out / name).read_bytes() for name in runs.RUN_FILES}
     with pytest.raises(FileExistsError, match="already holds a run"):
         T.train(tiny_phantom, out, tiny(epochs=3), progress=False)
-    assert {name: (out / name).read_bytes() for name in T.RUN_FILES} == before
+    assert {name: (out / name).read_bytes() for name in runs.RUN_FILES} == before
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     history = T.train(tiny_phantom, copy, tiny(epochs=1, limit=8), overwrite=True, progress=False)

@@ -3,7 +3,8 @@
 A checkpoint is a dict of plain values only (tensors, numbers, strings, None, lists, tuples, dicts) so that
 ``torch.load(..., weights_only=True)`` can read it without unpickling arbitrary objects, which could run code.
 It always holds a format marker, the model config and train config as plain dicts, the model's state_dict, the
-epoch and the training history; `train` adds optimizer, scheduler and RNG states for resuming.
+epoch and the training history, and says which kind of model it holds ("vqvae", "vae" or "prior"; files without
+the key are VQ-VAE checkpoints); a run's last.pt adds optimizer, scheduler and RNG states for resuming.
 
 Files are written atomically (`fileio.atomic_write`), so an interrupted write leaves the previous file intact.
 """
@@ -14,7 +15,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -66,11 +67,13 @@ def _weights_only_reason(error: Exception) -> str:
     return " ".join(match[1].split()) if match else str(error).splitlines()[0]
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)`` and check its format and keys.
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", kind: str | None = None
+                    ) -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` and check its format, keys and (if given) kind.
 
     Raises CheckpointError naming the file when it is missing, not a torch checkpoint, corrupt or truncated,
-    holds objects other than plain values ("refusing to unpickle objects"), or lacks the expected keys.
+    holds objects other than plain values ("refusing to unpickle objects"), lacks the expected keys, or holds
+    another kind of model than `kind`.
     """
     path = Path(path)
     if not path.is_file():
@@ -96,9 +99,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [key for key in REQUIRED_KEYS if key not in payload]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks the keys {', '.join(missing)}")
-    for key, kind in (("model_config", dict), ("train_config", dict), ("model_state", dict), ("history", list)):
-        if not isinstance(payload[key], kind):
-            raise CheckpointError(f"checkpoint {path}: {key} is a {type(payload[key]).__name__}, not a {kind.__name__}")
+    for key, expected in (("model_config", dict), ("train_config", dict), ("model_state", dict), ("history", list)):
+        if not isinstance(payload[key], expected):
+            raise CheckpointError(f"checkpoint {path}: {key} is a {type(payload[key]).__name__}, "
+                                  f"not a {expected.__name__}")
+    payload.setdefault("kind", "vqvae")
+    if kind is not None and payload["kind"] != kind:
+        raise CheckpointError(f"checkpoint {path} holds a {payload['kind']} model, not a {kind} model")
     return payload
 
 
@@ -109,6 +116,25 @@ def config_diff(saved: dict[str, Any], wanted: dict[str, Any], ignore: tuple[str
             if key not in ignore and saved.get(key, "<missing>") != wanted.get(key, "<missing>")]
 
 
+def load_module(path: str | Path, kind: str, build: Callable[[dict[str, Any]], torch.nn.Module],
+                map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a checkpoint of `kind`, build its model with build(model_config) and load the weights; return (model
+    in eval mode, payload). CheckpointError when the stored config is invalid or the weights do not fit it."""
+    payload = load_checkpoint(path, map_location, kind=kind)
+    try:
+        model = build(payload["model_config"])
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} has an invalid model config: {e}") from e
+    try:
+        model.load_state_dict(payload["model_state"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"the weights in checkpoint {path} do not fit the model of its own config: "
+                              f"{' '.join(str(e).split())[:500]}") from e
+    return model.to(map_location).eval(), payload
+
+
 def load_model(path: str | Path, expect_config: ModelConfig | None = None,
                map_location: str | torch.device = "cpu") -> tuple[VQVAE, dict[str, Any]]:
     """Build the VQVAE a checkpoint describes and load its weights; return (model in eval mode, payload).
@@ -116,19 +142,12 @@ def load_model(path: str | Path, expect_config: ModelConfig | None = None,
     Raises CheckpointError when the stored config is invalid, differs from `expect_config` (listing the fields),
     or the stored weights do not fit the model built from the checkpoint's own config.
     """
-    payload = load_checkpoint(path, map_location)
-    try:
-        config = ModelConfig.from_dict(payload["model_config"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} has an invalid model config: {e}") from e
-    if expect_config is not None:
-        diff = config_diff(config.to_dict(), expect_config.to_dict())
-        if diff:
-            raise CheckpointError(f"checkpoint {path} was made with another model config: {'; '.join(diff)}")
-    model = VQVAE(config)
-    try:
-        model.load_state_dict(payload["model_state"])
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"the weights in checkpoint {path} do not fit the model of its own config: "
-                              f"{' '.join(str(e).split())[:500]}") from e
-    return model.to(map_location).eval(), payload
+    def build(config: dict[str, Any]) -> VQVAE:
+        config = ModelConfig.from_dict(config)
+        if expect_config is not None:
+            diff = config_diff(config.to_dict(), expect_config.to_dict())
+            if diff:
+                raise CheckpointError(f"checkpoint {path} was made with another model config: {'; '.join(diff)}")
+        return VQVAE(config)
+
+    return load_module(path, "vqvae", build, map_location)

@@ -57,7 +57,8 @@ def _positive(kind: type) -> Callable[[str], int | float]:
 
 
 def _print_epoch(record: dict[str, Any], epochs: int, codebook_size: int) -> None:
-    print(f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f} (recon {record['train_recon']:.4f}), "
+    print(f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f} (MSE {record['train_recon']:.4f}, "
+          f"SSIM {record['train_ssim']:.4f}), "
           f"val SSIM {record['val_ssim']:.4f}, PSNR {record['val_psnr']:.2f} dB, "
           f"codes {record['val_active']}/{codebook_size} (perplexity {record['val_perplexity']:.1f}), "
           f"{record['images_per_s']:.0f} img/s, {record['seconds']:.0f} s", flush=True)
@@ -65,15 +66,12 @@ def _print_epoch(record: dict[str, Any], epochs: int, codebook_size: int) -> Non
 
 def _train(args: argparse.Namespace) -> int:
     given = {"epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
-             "limit": args.limit, "downsample": args.downsample, "device": args.device}
+             "limit": args.limit, "downsample": args.downsample, "device": args.device, "ssim_weight": args.ssim_weight}
     overrides = {key: value for key, value in given.items() if value is not None}
     out = Path(args.out)
-    if args.resume:  # the run's own config, changed only where a flag is given (train() refuses what may not change)
-        saved = load_checkpoint(out / "last.pt")["train_config"]
-        try:
-            config = train.make_config(**{**saved, "preset": args.preset or saved.get("preset"), **overrides})
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{out / 'last.pt'} holds an unusable train config: {e}") from e
+    if args.resume:
+        preset = {"preset": args.preset} if args.preset else {}
+        config = _resumable_config(out, "vqvae", train.make_config, {**preset, **overrides})
     else:
         config = train.make_config(args.preset or "default", **overrides)
     trained = []
@@ -108,6 +106,76 @@ def _evaluate(args: argparse.Namespace) -> int:
         save_json(args.json, {"checkpoint": result["checkpoint"], "split": args.split, "summary": s,
                               "slices": slices})
         print(f"results written to {args.json}")
+    return 0
+
+
+def _resumable_config(out: Path, kind: str, make: Callable[..., Any], overrides: dict[str, Any]) -> Any:
+    """With --resume: the run's own config, changed only where a flag is given (the trainer refuses what may not
+    change)."""
+    saved = load_checkpoint(out / "last.pt", kind=kind)["train_config"]
+    try:
+        return make(**{**saved, **overrides})
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{out / 'last.pt'} holds an unusable train config: {e}") from e
+
+
+def _vae(args: argparse.Namespace) -> int:
+    from . import vae
+    given = {"epochs": args.epochs, "seed": args.seed, "downsample": args.downsample, "device": args.device,
+             "limit": args.limit}
+    overrides = {key: value for key, value in given.items() if value is not None}
+    out = Path(args.out)
+    config = (_resumable_config(out, "vae", train.make_config, overrides) if args.resume
+              else train.make_config("default", ssim_weight=0.0, **overrides))
+
+    def report(record: dict[str, Any]) -> None:
+        print(f"epoch {record['epoch']}/{config.epochs}: loss {record['train_loss']:.4f} nats/pixel "
+              f"(MSE {record['train_recon']:.4f}, KL {record['train_kl']:.4f}), val SSIM {record['val_ssim']:.4f}, "
+              f"PSNR {record['val_psnr']:.2f} dB, {record['val_active']}/{config.model['embed_dim']} latent channels "
+              f"used, {record['images_per_s']:.0f} img/s, {record['seconds']:.0f} s", flush=True)
+
+    history = vae.train_vae(args.data_dir, out, config, resume=args.resume, overwrite=args.overwrite, callback=report)
+    best = max(history, key=lambda h: h["val_ssim"])
+    print(f"best validation SSIM {best['val_ssim']:.4f} (epoch {best['epoch']}): {out / 'best.pt'}")
+    return 0
+
+
+def _prior(args: argparse.Namespace) -> int:
+    from . import prior
+    given = {"epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
+             "limit": args.limit, "device": args.device, "channels": args.channels, "layers": args.layers,
+             "kernel": args.kernel, "positions": args.positions}
+    overrides = {key: value for key, value in given.items() if value is not None}
+    out = Path(args.out)
+    if args.resume:
+        config = _resumable_config(out, "prior", prior.make_prior_config, overrides)
+    else:
+        from .checkpoint import load_model
+        codebook_size = load_model(args.checkpoint)[0].config.codebook_size
+        config = prior.make_prior_config(codebook_size=codebook_size, **overrides)
+
+    def report(record: dict[str, Any]) -> None:
+        print(f"epoch {record['epoch']}/{config.epochs}: train NLL {record['train_nll']:.4f}, validation NLL "
+              f"{record['val_nll']:.4f} nats = {record['val_bits']:.3f} bits per latent, "
+              f"{record['maps_per_s']:.0f} maps/s, {record['seconds']:.0f} s", flush=True)
+
+    history = prior.train_prior(args.checkpoint, args.data_dir, out, config, resume=args.resume,
+                                overwrite=args.overwrite, callback=report)
+    best = min(history, key=lambda h: h["val_nll"])
+    print(f"best validation NLL {best['val_nll']:.4f} nats per latent (epoch {best['epoch']}): {out / 'best.pt'}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from . import prior, viz
+    start = time.perf_counter()
+    images, _, bins = prior.sample_slices(args.checkpoint, args.prior, args.n, seed=args.seed,
+                                          temperature=args.temperature, position=args.position, device=args.device,
+                                          progress=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    viz.montage(list(images), [f"position bin {b}" for b in bins], args.out, ncols=min(8, args.n))
+    print(f"{args.n} samples (seed {args.seed}, temperature {args.temperature}) written to {args.out} "
+          f"in {time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -153,7 +221,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive(float))
     p.add_argument("--limit", type=_positive(int), help="train on the first N training slices only")
     p.add_argument("--downsample", type=int, choices=(4, 8, 16))
+    p.add_argument("--ssim-weight", type=float, help="loss = MSE + W (1 - SSIM) (default: the preset's)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("vae", help="train the Gaussian VAE (default recipe, same budget as the VQ-VAE) for comparison")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--out", required=True, help="run folder (refused if it holds a run, unless --resume/--overwrite)")
+    p.add_argument("--epochs", type=_positive(int))
+    p.add_argument("--downsample", type=int, choices=(4, 8, 16))
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--limit", type=_positive(int), help="train on the first N training slices only")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.set_defaults(func=_vae)
+
+    p = sub.add_parser("prior", help="fit a PixelCNN prior to the code index maps a VQ-VAE gives the train split")
+    p.add_argument("--checkpoint", required=True, help="the VQ-VAE checkpoint")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--out", required=True, help="run folder (refused if it holds a run, unless --resume/--overwrite)")
+    p.add_argument("--epochs", type=_positive(int))
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=_positive(int))
+    p.add_argument("--lr", type=_positive(float))
+    p.add_argument("--limit", type=_positive(int), help="train on the maps of the first N training slices only")
+    p.add_argument("--channels", type=_positive(int))
+    p.add_argument("--layers", type=_positive(int))
+    p.add_argument("--kernel", type=int, help="odd kernel size of the gated layers")
+    p.add_argument("--positions", type=int, help="slice-position bins to condition on (0: unconditional)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.set_defaults(func=_prior)
+
+    p = sub.add_parser("sample", help="draw new slices: index maps from a prior, decoded by its VQ-VAE")
+    p.add_argument("--checkpoint", required=True, help="the VQ-VAE checkpoint the prior was trained for")
+    p.add_argument("--prior", required=True, help="the prior checkpoint")
+    p.add_argument("--n", type=_positive(int), default=16)
+    p.add_argument("--out", required=True, help="PNG file for the grid of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=_positive(float), default=1.0)
+    p.add_argument("--position", type=int, help="slice-position bin of every sample (default: drawn at random)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_sample)
 
     p = sub.add_parser("evaluate", help="score a checkpoint on every slice of a split")
     p.add_argument("--checkpoint", required=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 
@@ -32,6 +33,39 @@ def ssim_psnr(recon: np.ndarray, target: np.ndarray, data_range: float = 1.0) ->
     with np.errstate(divide="ignore"):
         psnr = np.array([peak_signal_noise_ratio(t, r, data_range=data_range) for r, t in zip(recon, target)])
     return ssim, psnr
+
+
+def ssim_torch(recon: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, win_size: int = 7) -> torch.Tensor:
+    """Per-image SSIM in torch, differentiable, so 1 - SSIM can be a training loss.
+
+    recon, target: (N, 1, H, W). The same definition as skimage's default (and so as `ssim_psnr`): a
+    win_size x win_size uniform window, sample covariances (n / (n - 1)), K1 = 0.01, K2 = 0.03, and the mean of
+    the SSIM map over the positions where the whole window fits. Returns (N,) in the input's dtype.
+    """
+    if recon.shape != target.shape or recon.ndim != 4 or recon.shape[1] != 1:
+        raise ValueError(f"recon and target must both be (N, 1, H, W); got {tuple(recon.shape)} and "
+                         f"{tuple(target.shape)}")
+    mu_x, var_x = _local_moments(recon, win_size)
+    mu_y, var_y = _local_moments(target, win_size)
+    mean_xy = F.avg_pool2d(recon * target, win_size, stride=1)
+    return _ssim_mean(mu_x, mu_y, var_x, var_y, mean_xy, win_size, data_range)
+
+
+def _local_moments(x: torch.Tensor, win_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local mean and sample variance of x (N, 1, H, W) over win_size x win_size windows (valid positions)."""
+    n = win_size * win_size
+    mu = F.avg_pool2d(x, win_size, stride=1)
+    return mu, n / (n - 1) * (F.avg_pool2d(x * x, win_size, stride=1) - mu * mu)
+
+
+def _ssim_mean(mu_x: torch.Tensor, mu_y: torch.Tensor, var_x: torch.Tensor, var_y: torch.Tensor,
+               mean_xy: torch.Tensor, win_size: int, data_range: float) -> torch.Tensor:
+    """Mean SSIM per image from local moments (mean_xy: the local mean of x * y)."""
+    n = win_size * win_size
+    cov_xy = n / (n - 1) * (mean_xy - mu_x * mu_y)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean(dim=(1, 2, 3))
 
 
 def ssim_foreground(recon: np.ndarray, target: np.ndarray, masks: np.ndarray, data_range: float = 1.0) -> np.ndarray:
@@ -97,3 +131,61 @@ class CodeUsage:
             return 0.0
         p = self._counts[self._counts > 0] / total
         return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def high_frequency_share(images: np.ndarray, cutoff: float = 0.25) -> np.ndarray:
+    """Per-image share of spectral power above `cutoff` cycles per pixel (radial frequency, mean removed).
+
+    images: (N, H, W). A sharpness measure: blurring removes high frequencies and lowers it, noise raises it,
+    so compare it with the same measure on real slices. Returns (N,) float64 in [0, 1].
+    """
+    images = np.asarray(images, dtype=np.float64)
+    if images.ndim != 3:
+        raise ValueError(f"images must be (N, H, W), got {images.shape}")
+    power = np.abs(np.fft.fft2(images - images.mean(axis=(1, 2), keepdims=True))) ** 2
+    fy, fx = np.meshgrid(np.fft.fftfreq(images.shape[1]), np.fft.fftfreq(images.shape[2]), indexing="ij")
+    high = np.hypot(fy, fx) > cutoff
+    total = power.sum(axis=(1, 2))
+    return np.divide(power[:, high].sum(axis=1), total, out=np.zeros(len(images)), where=total > 0)
+
+
+SLICE_STATS = ("mean intensity", "body fraction", "high-frequency share", "edge strength")
+
+
+def slice_stats(images: np.ndarray) -> np.ndarray:
+    """Simple per-slice statistics that real slices keep in a narrow range (N, H, W) in [0, 1] -> (N, 4):
+    mean intensity; body fraction (pixels above 0.1); high-frequency share (`high_frequency_share`); edge
+    strength (mean gradient magnitude inside the body)."""
+    images = np.asarray(images, dtype=np.float64)
+    body = images > 0.1
+    gy, gx = np.gradient(images, axis=(1, 2))
+    edges = np.hypot(gy, gx)
+    inside = np.divide((edges * body).sum(axis=(1, 2)), body.sum(axis=(1, 2)), out=np.zeros(len(images)),
+                       where=body.any(axis=(1, 2)))
+    return np.stack([images.mean(axis=(1, 2)), body.mean(axis=(1, 2)), high_frequency_share(images), inside], 1)
+
+
+def in_real_range(stats: np.ndarray, real: np.ndarray, quantiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
+    """(N, S) bool: whether each statistic of each image lies within the [1st, 99th] percentile (by default) of
+    the same statistic over real slices `real` (M, S)."""
+    low, high = np.percentile(real, quantiles, axis=0)
+    return (stats >= low) & (stats <= high)
+
+
+@torch.no_grad()
+def nearest_by_ssim(images: np.ndarray, reference: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """For each image (N, H, W), the reference slice (M, H, W) with the highest SSIM (`ssim_torch`, the same
+    values as `ssim_psnr`). Returns (ssim (N,), index into reference (N,))."""
+    best, where = np.full(len(images), -np.inf), np.zeros(len(images), dtype=np.int64)
+    x = torch.from_numpy(np.array(images, dtype=np.float32))[:, None]
+    mu_x, var_x = _local_moments(x, 7)
+    for start in range(0, len(reference), batch_size):  # the reference's moments are computed once per batch
+        ref = torch.from_numpy(np.array(reference[start:start + batch_size], dtype=np.float32))[:, None]
+        mu_r, var_r = _local_moments(ref, 7)
+        for i in range(len(x)):
+            mean_xr = F.avg_pool2d(x[i:i + 1] * ref, 7, stride=1)
+            scores = _ssim_mean(mu_x[i:i + 1], mu_r, var_x[i:i + 1], var_r, mean_xr, 7, 1.0).double()
+            top = int(scores.argmax())
+            if scores[top] > best[i]:
+                best[i], where[i] = float(scores[top]), start + top
+    return best, where

@@ -1,15 +1,13 @@
 """Train and evaluate a VQ-VAE on HipMRI slices: recipes (presets), the training loop, resuming, evaluation.
 
-A run folder holds ``last.pt`` (everything needed to resume), ``best.pt`` (the model of the epoch with the best
-validation SSIM) and ``metrics.json`` (the history), all rewritten atomically after every epoch, so an
-interrupted run loses at most the epoch in progress. On CPU, a run is exactly reproducible from its seed, and a
-resumed run gives the same weights and history as one that was never interrupted.
+Run folders (best.pt, last.pt, metrics.json, resuming) are handled by `runs`. On CPU, a run is exactly
+reproducible from its seed, and a resumed run gives the same weights and history as one that was never
+interrupted.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -23,14 +21,13 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, config_diff, load_checkpoint, load_model, save_checkpoint
-from .fileio import save_json
+from . import runs
+from .checkpoint import load_model
 from .data import load_split
-from .metrics import CodeUsage, ssim_psnr
+from .metrics import CodeUsage, ssim_psnr, ssim_torch
 from .model import VQVAE, ModelConfig
 from .quantizer import VectorQuantizer
 
-log = logging.getLogger(__name__)
 
 # The recipes, in one place. "model" holds ModelConfig fields; everything else is a TrainConfig field.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -41,17 +38,38 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 20, "batch_size": 32, "lr": 1e-3, "schedule": "constant", "warmup": 0.0, "final_lr": 1.0,
         "amp": False, "channels_last": False,
     },
-    # Our recipe: 4x grid, EMA codebook with k-means init and restarts, warm-up + cosine, bf16, channels_last.
+    # Our recipe: 4x grid, EMA codebook with k-means init and restarts, MSE + 0.5 (1 - SSIM), warm-up + cosine,
+    # bf16, channels_last.
     "default": {
         "model": dict(hidden=64, res_hidden=32, n_res=2, downsample=4, codebook_size=512, embed_dim=64,
                       beta=0.25, ema=True, decay=0.99, usage_decay=0.9, init="kmeans", restart=True),
         "epochs": 30, "batch_size": 32, "lr": 1e-3, "schedule": "cosine", "warmup": 0.03, "final_lr": 0.1,
-        "amp": True, "channels_last": True,
+        "amp": True, "channels_last": True, "ssim_weight": 0.5,
     },
 }
 SCHEDULES = ("constant", "cosine")
-RUN_FILES = ("last.pt", "best.pt", "metrics.json")
-RESUME_MAY_CHANGE = ("epochs", "device")  # what a resumed run may ask for differently
+
+
+def check_run_settings(config: Any) -> None:
+    """ValueError for a bad epochs, batch_size, lr, schedule, warmup, final_lr or limit (of any run config)."""
+    checks = [
+        (config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}"),
+        (config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}"),
+        (config.lr > 0, f"lr must be > 0, got {config.lr}"),
+        (config.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, not {config.schedule!r}"),
+        (0 <= config.warmup < 1, f"warmup must be a fraction of the steps in [0, 1), got {config.warmup}"),
+        (0 <= config.final_lr <= 1, f"final_lr must be a fraction of lr in [0, 1], got {config.final_lr}"),
+        (config.limit is None or config.limit >= 1, f"limit must be None or >= 1, got {config.limit}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def optimizer_for(model: torch.nn.Module, config: Any, steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """Adam at config.lr and the scheduler of config's schedule over `steps` optimiser steps."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    return optimizer, LambdaLR(optimizer, partial(lr_factor, total_steps=steps, config=config))
 
 
 @dataclass
@@ -59,7 +77,8 @@ class TrainConfig:
     """Everything that defines a training run. Build one with `make_config`.
 
     schedule: "constant", or "cosine": linear warm-up over the first `warmup` fraction of all steps, then
-    cosine decay to `final_lr` x lr at the last step. amp: bf16 autocast (CUDA and CPU; the quantizer stays
+    cosine decay to `final_lr` x lr at the last step. ssim_weight: the reconstruction loss is
+    MSE + ssim_weight x (1 - SSIM) (0: MSE alone, as in the paper). amp: bf16 autocast (CUDA and CPU; the quantizer stays
     fp32). limit: train on the first `limit` training slices only (smoke runs, tests). model: the full
     ModelConfig as a dict. device: "auto", "cpu", "cuda", "cuda:N" or "mps".
     """
@@ -74,24 +93,17 @@ class TrainConfig:
     amp: bool
     channels_last: bool
     model: dict[str, Any]
+    ssim_weight: float = 0.0
     seed: int = 0
     device: str = "auto"
     limit: int | None = None
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}, not {self.preset!r}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, not {self.schedule!r}"),
-            (0 <= self.warmup < 1, f"warmup must be a fraction of the steps in [0, 1), got {self.warmup}"),
-            (0 <= self.final_lr <= 1, f"final_lr must be a fraction of lr in [0, 1], got {self.final_lr}"),
-            (self.limit is None or self.limit >= 1, f"limit must be None or >= 1, got {self.limit}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        check_run_settings(self)
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, not {self.preset!r}")
+        if self.ssim_weight < 0:
+            raise ValueError(f"ssim_weight must be >= 0, got {self.ssim_weight}")
         self.model = ModelConfig.from_dict(self.model).to_dict()  # validates and fills in defaults
 
     def model_config(self) -> ModelConfig:
@@ -169,31 +181,13 @@ def _quantizer(model: VQVAE) -> VectorQuantizer:
     return next(m for m in model.modules() if isinstance(m, VectorQuantizer))
 
 
-def _resident(images: np.ndarray, device: torch.device) -> torch.Tensor:
+def resident_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """(N, H, W) array -> (N, 1, H, W) float32 tensor, on `device` when it fits (else in pinned CPU memory)."""
     x = torch.from_numpy(np.array(images, dtype=np.float32))[:, None]  # a copy: the memmap is read-only
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return x.to(device) if x.nbytes < free // 2 else x.pin_memory()
     return x.to(device)
-
-
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A CPU generator seeded by (seed, epoch): an epoch's order does not depend on the epochs before it."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 @torch.no_grad()
@@ -237,52 +231,33 @@ def validate(model: VQVAE, images: np.ndarray, batch_size: int, device: torch.de
 
 def _train_epoch(model: VQVAE, images: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
                  config: TrainConfig, device: torch.device, epoch: int, progress: bool) -> dict[str, float]:
-    """One pass over images (N, 1, H, W) in a seeded random order; returns the mean losses per image."""
+    """One pass over images (N, 1, H, W) in a seeded random order; returns the mean losses (and SSIM) per image."""
     model.train()
     n = len(images)
-    order = torch.randperm(n, generator=_epoch_generator(config.seed, epoch)).to(images.device)
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # total, recon, commitment, codebook (x batch size)
+    order = torch.randperm(n, generator=runs.epoch_generator(config.seed, epoch)).to(images.device)
+    sums = torch.zeros(5, device=device, dtype=torch.float64)  # total, MSE, SSIM, commitment, codebook (x batch)
     with tqdm(total=n, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, n, config.batch_size):
             x = images[order[start:start + config.batch_size]].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
                 out = model(x)
-            recon_loss = F.mse_loss(out.recon.float(), x)
-            loss = recon_loss + out.vq.loss
+            recon = out.recon.float()
+            mse, ssim = F.mse_loss(recon, x), ssim_torch(recon, x).mean()
+            loss = mse + out.vq.loss
+            if config.ssim_weight:
+                loss = loss + config.ssim_weight * (1 - ssim)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            parts = torch.stack([loss, recon_loss, out.vq.commitment, out.vq.codebook_loss]).detach()
+            parts = torch.stack([loss, mse, ssim, out.vq.commitment, out.vq.codebook_loss]).detach()
             sums += parts.double() * len(x)  # no .item() per step: it would wait for the GPU every batch
             bar.update(len(x))
-    total, recon, commitment, codebook = (sums / n).tolist()
+    total, mse, ssim, commitment, codebook = (sums / n).tolist()
     if not math.isfinite(total):
         raise RuntimeError(f"training diverged in epoch {epoch}: the loss is {total}; try a lower learning rate")
-    return {"train_loss": total, "train_recon": recon, "train_commitment": commitment, "train_codebook": codebook}
-
-
-def _check_resumable(path: Path, config: TrainConfig) -> dict[str, Any]:
-    payload = load_checkpoint(path)
-    missing = [key for key in ("optimizer_state", "scheduler_state", "rng") if key not in payload]
-    if missing:
-        raise CheckpointError(f"cannot resume from {path}: it lacks {', '.join(missing)}")
-    diff = config_diff(payload["train_config"], config.to_dict(), ignore=RESUME_MAY_CHANGE + ("model",))
-    diff += config_diff(payload["model_config"], config.model)
-    if diff:
-        raise CheckpointError(f"cannot resume from {path}: the requested config differs from the run's "
-                              f"(only epochs and device may change): {'; '.join(diff)}")
-    return payload
-
-
-def _claim_run_folder(out_dir: Path, overwrite: bool) -> None:
-    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(existing)}); resume it, choose another "
-                              "folder or pass overwrite=True (--overwrite) to replace it")
-    for name in existing:
-        (out_dir / name).unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return {"train_loss": total, "train_recon": mse, "train_ssim": ssim, "train_commitment": commitment,
+            "train_codebook": codebook}
 
 
 def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, resume: bool = False,
@@ -290,81 +265,43 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
           callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a VQVAE on the train split of data_dir, validating on the whole validate split after every epoch.
 
-    Writes out_dir/last.pt, best.pt (best validation SSIM) and metrics.json after every epoch. resume: continue
-    from last.pt (only `epochs` and `device` may differ from its config; a finished run is returned as is).
-    overwrite: replace a run already in out_dir (refused otherwise). callback(record) runs after each epoch's
-    files are written.
+    Writes out_dir/last.pt, best.pt (best validation SSIM) and metrics.json after every epoch (`runs.fit`).
+    resume: continue from last.pt (only `epochs` and `device` may differ from its config; a finished run is
+    returned as is). overwrite: replace a run already in out_dir (refused otherwise). callback(record) runs after
+    each epoch's files are written.
 
-    Returns the history, one record per epoch: epoch; lr (at the epoch's start); train_loss, train_recon,
-    train_commitment, train_codebook (means per image); val_recon (MSE of the clipped reconstruction), val_ssim,
-    val_psnr (means over the whole validation split), val_perplexity, val_active (code usage over the whole
-    split); restarts (dead codes re-set in the epoch); seconds (training and validation); images_per_s (training).
+    Returns the history, one record per epoch: epoch; lr (at the epoch's start); train_loss, train_recon (MSE),
+    train_ssim, train_commitment, train_codebook (means per image, in training mode); restarts (dead codes re-set
+    in the epoch); images_per_s (training); val_recon (MSE of the clipped reconstruction), val_ssim, val_psnr
+    (means over the whole validation split), val_perplexity, val_active (code usage over the whole split);
+    seconds (training and validation).
     """
-    out_dir = Path(out_dir)
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other")
-    payload = None
-    if resume:
-        payload = _check_resumable(out_dir / "last.pt", config)
-        if payload["epoch"] >= config.epochs:
-            log.info("%s already finished %d epochs: nothing to do", out_dir, payload["epoch"])
-            return payload["history"]
-    else:
-        _claim_run_folder(out_dir, overwrite)
+    payload = runs.start(out_dir, "vqvae", config.to_dict(), config.model, resume=resume, overwrite=overwrite)
     device = select_device(config.device)
     train_split = load_split(data_dir, "train", progress=progress)
     val_images = load_split(data_dir, "validate", progress=progress).images
-    images = _resident(train_split.images[:config.limit], device)
+    images = resident_images(train_split.images[:config.limit], device)
     steps = config.epochs * math.ceil(len(images) / config.batch_size)
 
     # The run's RNG use stays inside: the caller's global RNG state is the same afterwards.
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=runs.cuda_devices(device)):
         torch.manual_seed(config.seed)
         model = VQVAE(config.model_config()).to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-        factor = partial(lr_factor, total_steps=steps, config=config)
-        scheduler = LambdaLR(optimizer, factor)
-        history: list[dict[str, Any]] = []
-        if payload is not None:
-            model.load_state_dict(payload["model_state"])
-            optimizer.load_state_dict(payload["optimizer_state"])
-            scheduler.load_state_dict(payload["scheduler_state"])
-            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # epochs may have changed
-                group["lr"] = base * factor(scheduler.last_epoch)
-            _set_rng_state(payload["rng"], device)
-            history = payload["history"]
-        first_epoch = len(history) + 1  # == the checkpoint's epoch + 1
-        best_ssim = max((h["val_ssim"] for h in history), default=-math.inf)
+        optimizer, scheduler = optimizer_for(model, config, steps)
         quantizer = _quantizer(model)
 
-        for epoch in range(first_epoch, config.epochs + 1):
+        def one_epoch(epoch: int) -> dict[str, Any]:
             started, restarts_before = time.perf_counter(), quantizer.restarts_total
-            record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-            record.update(_train_epoch(model, images, optimizer, scheduler, config, device, epoch, progress))
-            train_seconds = time.perf_counter() - started
-            record.update(validate(model, val_images, config.batch_size, device, amp=config.amp))
-            record.update(restarts=quantizer.restarts_total - restarts_before,
-                          seconds=time.perf_counter() - started, images_per_s=len(images) / train_seconds)
-            history.append(record)
+            record = _train_epoch(model, images, optimizer, scheduler, config, device, epoch, progress)
+            return {**record, "restarts": quantizer.restarts_total - restarts_before,
+                    "images_per_s": len(images) / (time.perf_counter() - started)}
 
-            state = {"model_config": model.config.to_dict(), "train_config": config.to_dict(),
-                     "model_state": model.state_dict(), "epoch": epoch, "history": history}
-            # best.pt first: if interrupted before last.pt, the resumed run redoes this epoch and rewrites both.
-            if record["val_ssim"] > best_ssim:
-                best_ssim = record["val_ssim"]
-                save_checkpoint(out_dir / "best.pt", state)
-            save_checkpoint(out_dir / "last.pt", {**state, "optimizer_state": optimizer.state_dict(),
-                                                  "scheduler_state": scheduler.state_dict(),
-                                                  "rng": _rng_state(device)})
-            save_json(out_dir / "metrics.json", history)
-            log.debug("epoch %d/%d: loss %.4g, val SSIM %.4f, PSNR %.2f dB, %d active codes", epoch, config.epochs,
-                      record["train_loss"], record["val_ssim"], record["val_psnr"], record["val_active"])
-            if callback is not None:
-                callback(record)
-    return history
+        return runs.fit(out_dir, kind="vqvae", model=model, optimizer=optimizer, scheduler=scheduler, payload=payload,
+                        train_config=config.to_dict(), model_config=model.config.to_dict(), epochs=config.epochs,
+                        device=device, one_epoch=one_epoch, best="val_ssim", callback=callback,
+                        score=lambda: validate(model, val_images, config.batch_size, device, amp=config.amp))
 
 
 def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", *, batch_size: int = 64,

@@ -313,6 +313,44 @@ def reconstructions(originals: Sequence[np.ndarray], recons: Sequence[np.ndarray
     return save(fig, path)
 
 
+def image_rows(rows: Mapping[str, Sequence[np.ndarray]], titles: Sequence[str] | None, path: str | Path | None, *,
+               captions: Mapping[str, Sequence[str]] | None = None) -> plt.Figure:
+    """One row of slices per entry of rows {row label: [(H, W) images in [0, 1]]}, on the same grey scale;
+    titles label the top row's columns, captions {row label: [text]} go under each image of a row."""
+    n = max(len(images) for images in rows.values())
+    fig, axes = plt.subplots(len(rows), n, figsize=(2.3 * n + 0.4, 1.45 * len(rows) + 0.35), squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        for c in range(n):
+            ax = axes[r, c]
+            if c >= len(images):
+                ax.axis("off")
+                continue
+            _show(ax, images[c], titles[c] if titles is not None and r == 0 else None, 1.0)
+            if captions and label in captions:
+                ax.set_xlabel(captions[label][c], fontsize=8)
+        axes[r, 0].set_ylabel(label)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def influence_map(influence: np.ndarray, target: tuple[int, int], path: str | Path | None) -> plt.Figure:
+    """Which positions of a grid change the prediction at `target`: influence (h, w) >= 0 (0: none), drawn in
+    grid coordinates (not oriented like a slice) with the target outlined and the positions after it shaded."""
+    h, w = influence.shape
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    order = np.arange(h * w).reshape(h, w)
+    later = order >= target[0] * w + target[1]
+    shown = np.where(influence > 0, 1.0, 0.0) + 0.25 * later
+    ax.imshow(shown, cmap="Blues", vmin=0, vmax=1.3)
+    ax.add_patch(plt.Rectangle((target[1] - 0.5, target[0] - 0.5), 1, 1, fill=False, color="#e76f51", lw=2.5))
+    ax.set_xticks(range(w))
+    ax.set_yticks(range(h))
+    ax.tick_params(labelsize=7)
+    ax.set_title("dark: changes the logits at the red position\nlight: after it in raster order", fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def distributions(values: Mapping[str, Mapping[str, np.ndarray]], path: str | Path | None,
                   baselines: Mapping[str, Mapping[str, float]] | None = None) -> plt.Figure:
     """Histograms per metric and model. values: {metric: {model: (N,) array}}; baselines: {metric: {name: x}}."""

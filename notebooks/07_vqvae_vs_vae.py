@@ -1,0 +1,185 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python (hipmri-vqvae)
+#     language: python
+#     name: hipmri-vqvae
+# ---
+
+# %% [markdown]
+# # 07 · VQ-VAE versus VAE
+#
+# The VQ-VAE paper motivates discrete codes against the Gaussian VAE, whose reconstructions and samples are
+# often called blurry. Here we test that claim on our slices instead of assuming it. You will learn
+#
+# - how a Gaussian VAE differs from the VQ-VAE when both have the same encoder, decoder and latent grid;
+# - the VAE's loss, the negative ELBO, with the decoder's noise level set to its optimum so no weight is tuned;
+# - how to compare the two fairly: reconstruction SSIM and PSNR, a sharpness measure, and samples from each.
+#
+# **Prerequisites:** notebooks 04 to 06.
+#
+# **Expected run time:** about a minute on a 2-core CPU (a short demonstration run; the comparison uses the
+# committed `checkpoints/vae_8x.pt`). With a GPU the notebook trains the full VAE itself.
+
+# %% tags=["parameters"]
+SMOKE = False  # fast settings for the tests
+DATA_DIR = "../data/phantom"
+FIG_DIR = "../figures"
+SEED = 0
+DEVICE = "auto"
+TRAIN = "auto"  # auto: the full run on a GPU, a short run on a CPU; or "full" / "short"
+RUN_DIR = "../build/runs/07_vae"
+VQ_CHECKPOINT = "../checkpoints/default_8x.pt"
+PRIOR_CHECKPOINT = "../checkpoints/prior_8x.pt"
+VAE_CHECKPOINT = "../checkpoints/vae_8x.pt"
+N_SAMPLES = 16
+
+# %%
+from pathlib import Path
+
+DATA = Path(DATA_DIR)
+FIGS = Path(FIG_DIR)
+RUN = Path(RUN_DIR)
+n_samples = 4 if SMOKE else N_SAMPLES
+
+# %%
+import inspect
+import platform
+
+import numpy as np
+import torch
+
+import vqvae_lib
+from vqvae_lib import checkpoint, data, metrics, prior, train, vae, viz
+
+torch.manual_seed(SEED)
+device = train.select_device(DEVICE)
+full = TRAIN == "full" or (TRAIN == "auto" and device.type == "cuda" and not SMOKE)
+print(f"python {platform.python_version()}, torch {torch.__version__}, vqvae_lib {vqvae_lib.__version__}")
+print(f"device: {device}; {'full training run' if full else 'short demonstration run'}")
+
+# %% [markdown]
+# ## 1. The Gaussian VAE
+#
+# The VAE keeps the VQ-VAE's encoder and decoder (`model.Encoder`, `model.Decoder`) and its 8x latent grid of
+# 32 x 16 positions with 64 channels; the encoder's last layer gives a mean and a log-variance for every
+# channel, z is drawn from that Gaussian (the reparameterisation trick), and the decoder sees z. Training
+# maximises the evidence lower bound: a reconstruction likelihood minus KL(q(z | x) || N(0, I)). With a
+# Gaussian decoder of variance sigma^2, the best sigma^2 for a batch is its MSE, which gives
+# (Rybkin et al. 2021):
+
+# %%
+print(inspect.getsource(vae.neg_elbo))
+
+# %% [markdown]
+# Unlike the VQ-VAE recipe, this loss has no SSIM term: the VAE's reconstruction term is its likelihood, and
+# adding terms would leave the ELBO. Keep this in mind when comparing SSIM. Both models get the same data,
+# schedule and budget: 15 epochs (675 steps). From a shell:
+#
+# ```bash
+# python -m vqvae_lib vae --data-dir data/phantom --out runs/vae_8x --downsample 8 --epochs 15
+# ```
+
+# %%
+if full:
+    config = train.make_config("default", seed=SEED, device=str(device), downsample=8, epochs=15, ssim_weight=0.0)
+else:  # a short run; the comparison below uses the committed VAE
+    config = train.make_config("default", seed=SEED, device=str(device), downsample=8, epochs=1,
+                               limit=32 if SMOKE else 256, ssim_weight=0.0)
+history = vae.train_vae(DATA, RUN, config, overwrite=True)
+print(f"{len(history)} epoch{'s' * (len(history) != 1)}; validation SSIM {history[-1]['val_ssim']:.3f}")
+
+# %%
+vae_path = RUN / "best.pt" if full else Path(VAE_CHECKPOINT)
+gauss, vae_payload = vae.load_vae(vae_path, map_location=device)
+vq, vq_payload = checkpoint.load_model(VQ_CHECKPOINT, map_location=device)
+curve = vae_payload["history"]
+epochs = [h["epoch"] for h in curve]
+viz.curves({
+    "negative ELBO (nats per pixel)": {"training": (epochs, [h["train_loss"] for h in curve])},
+    "KL (nats per pixel)": {"training": (epochs, [h["train_kl"] for h in curve]),
+                            "validation": (epochs, [h["val_kl"] for h in curve])},
+    "validation SSIM": {"VAE": (epochs, [h["val_ssim"] for h in curve]),
+                        "VQ-VAE": (epochs, [h["val_ssim"] for h in vq_payload["history"]][:len(epochs)])},
+    "latent channels used (validation)": {"VAE": (epochs, [h["val_active"] for h in curve])},
+}, FIGS / "07_vae_curves.png", ncols=4);
+print(f"{vae_path}: {curve[-1]['val_active']} of {gauss.config.embed_dim} latent channels carry information "
+      f"(mean KL above {vae.ACTIVE_KL} nats per position)")
+
+# %% [markdown]
+# ## 2. Reconstructions
+#
+# Both models on every test slice. The VAE reconstructs from the posterior mean.
+
+# %%
+test = data.load_split(DATA, "test", progress=False)
+real = np.asarray(test.images)
+vq_amp = bool(vq_payload["train_config"].get("amp", False))
+vq_recon, _ = train.reconstruct(vq, real, device=device, amp=vq_amp)
+vae_amp = bool(vae_payload["train_config"].get("amp", False))
+vae_recon, _ = vae.reconstruct(gauss, real, amp=vae_amp)
+scores = {"VQ-VAE": metrics.ssim_psnr(vq_recon, real), "VAE": metrics.ssim_psnr(vae_recon, real)}
+for name, (ssim, psnr) in scores.items():
+    print(f"{name:<7} test SSIM {ssim.mean():.3f} (min {ssim.min():.3f}), PSNR {psnr.mean():.2f} dB")
+pick = np.linspace(0, len(real) - 1, 4).astype(int)
+viz.image_rows({"original": [real[i] for i in pick], "VQ-VAE": [vq_recon[i] for i in pick],
+                "VAE": [vae_recon[i] for i in pick]}, [test.files[i].name for i in pick],
+               FIGS / "07_reconstructions.png");
+
+# %% [markdown]
+# ## 3. Sharpness, measured
+#
+# "Blurry" means missing high spatial frequencies. We measure the share of each image's spectral power above
+# 0.25 cycles per pixel (`metrics.high_frequency_share`) and compare it with the real slices': a blurred image
+# has less, a noisy one more.
+
+# %%
+samples_vq, _, _ = prior.sample_slices(VQ_CHECKPOINT, PRIOR_CHECKPOINT, n_samples, seed=SEED, device=str(device))
+samples_vae = gauss.sample(n_samples, real.shape[1:], seed=SEED).float().clamp(0, 1)[:, 0].cpu().numpy()
+sharpness = {"real (test)": metrics.high_frequency_share(real),
+             "VQ-VAE recon": metrics.high_frequency_share(vq_recon),
+             "VAE recon": metrics.high_frequency_share(vae_recon)}
+for name, values in sharpness.items():
+    print(f"{name:<14} high-frequency share {values.mean():.4f}")
+print(f"{'VQ-VAE samples':<14} high-frequency share {metrics.high_frequency_share(samples_vq).mean():.4f}")
+print(f"{'VAE samples':<14} high-frequency share {metrics.high_frequency_share(samples_vae).mean():.4f}")
+viz.distributions({"high-frequency share": sharpness}, FIGS / "07_sharpness.png");
+
+# %% [markdown]
+# ## 4. Samples
+#
+# The VAE samples by decoding z ~ N(0, I); the VQ-VAE samples index maps from the PixelCNN prior of notebook
+# 06. We score both with the plausibility statistics of notebook 06, against the real training slices and
+# against each model's own reconstructions of them (what a perfect prior would give).
+
+# %%
+train_images = np.asarray(data.load_split(DATA, "train", progress=False).images)
+references = {"real training slices": metrics.slice_stats(train_images),
+              "VQ-VAE reconstructions": metrics.slice_stats(train.reconstruct(vq, train_images, device=device,
+                                                                              amp=vq_amp)[0]),
+              "VAE reconstructions": metrics.slice_stats(vae.reconstruct(gauss, train_images, amp=vae_amp)[0])}
+for name, images, own in (("VQ-VAE + prior", samples_vq, "VQ-VAE reconstructions"),
+                          ("VAE", samples_vae, "VAE reconstructions")):
+    stats = metrics.slice_stats(images)
+    real_share = metrics.in_real_range(stats, references["real training slices"]).all(1).mean()
+    own_share = metrics.in_real_range(stats, references[own]).all(1).mean()
+    print(f"{name:<15} samples with all four statistics in range: {100 * real_share:3.0f} % against real slices, "
+          f"{100 * own_share:3.0f} % against its own reconstructions of them")
+shown = min(8, n_samples)
+viz.image_rows({"VQ-VAE + prior": list(samples_vq[:shown]), "VAE": list(samples_vae[:shown])}, None,
+               FIGS / "07_samples.png");
+
+# %% [markdown]
+# ## Questions
+#
+# 1. Look at the sharpness numbers: which model is blurrier in its reconstructions, and in its samples? Does it
+#    agree with the common claim?
+# 2. The VAE's KL shows how many latent channels it uses. Why would a VAE switch channels off, and what does a
+#    VQ-VAE do instead (compare the active codes of notebook 05)?
+# 3. The VQ-VAE was trained with an SSIM term and the VAE was not. Train the VQ-VAE with `ssim_weight=0` and
+#    compare again: which differences remain?

@@ -1,0 +1,422 @@
+"""A learned prior over code index maps: the gated PixelCNN (van den Oord et al. 2016, arXiv 1606.05328).
+
+A trained VQ-VAE turns every slice into an index map (h, w) of codebook entries. The prior models those maps
+autoregressively in raster order, p(k) = prod_i p(k_i | k_<i), and new slices are made by sampling a map one
+position at a time and decoding it with the VQ-VAE's decoder (the paper's section 4.1).
+
+Two stacks keep every position blind to the future without a blind spot: the vertical stack sees all rows
+above (and the current row, which is why its output reaches the horizontal stack shifted down by one row); the
+horizontal stack sees the current row left of the position (the first layer excludes the position itself).
+Each layer is gated, tanh(a) * sigmoid(b), and may add an embedding of the slice position within its scan.
+
+Sampling is exact and cheaper than running the whole network at every step: the vertical stack only depends on
+finished rows, so it runs once per row on the rows it can see, and only the horizontal stack runs per position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import runs
+from .checkpoint import CheckpointError, load_model, load_module
+from .data import SplitData, load_split
+from .fileio import atomic_write
+from .model import VQVAE
+from .train import check_run_settings, optimizer_for, select_device
+
+
+@dataclass
+class PriorConfig:
+    """Every hyperparameter of `PixelCNNPrior`; plain values, so it round-trips through JSON with a checkpoint."""
+
+    codebook_size: int = 512  # the VQ-VAE's K: the prior predicts one of K codes per position
+    channels: int = 64
+    layers: int = 8
+    kernel: int = 5  # odd; the vertical stack's kernel is (kernel // 2 + 1) x kernel, the horizontal's 1 x (kernel // 2 + 1)
+    positions: int = 8  # slice-position bins to condition on (0: unconditional)
+
+    def __post_init__(self) -> None:
+        for name in ("codebook_size", "channels", "layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kernel < 3 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd and >= 3, got {self.kernel}")
+        if self.positions < 0:
+            raise ValueError(f"positions must not be negative, got {self.positions}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PriorConfig:
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown PriorConfig keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def _gate(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class GatedLayer(nn.Module):
+    """One gated PixelCNN layer: (v, h) (B, C, H, W) each -> (v, h); see the module docstring."""
+
+    def __init__(self, channels: int, kernel: int, first: bool, positions: int) -> None:
+        super().__init__()
+        self.reach, self.first = kernel // 2, first
+        self.v_conv = nn.Conv2d(channels, 2 * channels, (self.reach + 1, kernel))
+        self.h_conv = nn.Conv2d(channels, 2 * channels, (1, self.reach + 1))
+        self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.h_out = nn.Conv2d(channels, channels, 1)
+        self.condition = nn.Embedding(positions, 4 * channels) if positions else None
+
+    def _bias(self, position: torch.Tensor | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        if self.condition is None or position is None:
+            return 0.0, 0.0
+        v, h = self.condition(position)[:, :, None, None].chunk(2, dim=1)
+        return v, h
+
+    def vertical(self, v: torch.Tensor, position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """v (B, C, H, W) -> (next v, feed): output row i sees input rows i - reach .. i; feed (B, 2C, H, W) is
+        what row i of the horizontal stack receives, computed from rows < i only."""
+        pre = self.v_conv(F.pad(v, (self.reach, self.reach, self.reach, 0)))
+        return _gate(pre + self._bias(position)[0]), self.v_to_h(F.pad(pre, (0, 0, 1, -1)))
+
+    def horizontal(self, h: torch.Tensor, feed: torch.Tensor, position: torch.Tensor | None) -> torch.Tensor:
+        """h (B, C, H, W), feed (B, 2C, H, W) -> next h: column j sees columns j - reach .. j (.. j - 1 in the
+        first layer, which sees the codes themselves and has no residual)."""
+        shift = 1 if self.first else 0
+        pre = self.h_conv(F.pad(h, (self.reach + shift, -shift, 0, 0))) + feed
+        out = self.h_out(_gate(pre + self._bias(position)[1]))
+        return out if self.first else h + out
+
+
+class PixelCNNPrior(nn.Module):
+    """p(index map): indices (B, h, w) int64 [+ position bins (B,)] -> logits (B, K, h, w) of each position's code
+    given the codes before it in raster order."""
+
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.codebook_size, config.channels)
+        self.layers = nn.ModuleList(GatedLayer(config.channels, config.kernel, i == 0, config.positions)
+                                    for i in range(config.layers))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(config.channels, config.channels, 1), nn.ReLU(),
+                                  nn.Conv2d(config.channels, config.codebook_size, 1))
+
+    @property
+    def rows_seen(self) -> int:
+        """How many rows above a position can influence its logits."""
+        return 1 + self.config.layers * (self.config.kernel // 2)
+
+    def _check(self, indices: torch.Tensor, position: torch.Tensor | None) -> None:
+        if indices.dim() != 3 or indices.dtype != torch.int64:
+            raise ValueError(f"indices must be (B, h, w) int64, got {tuple(indices.shape)} {indices.dtype}")
+        if self.config.positions and position is None:
+            raise ValueError(f"this prior is conditioned on {self.config.positions} slice-position bins: "
+                             "pass position (B,)")
+        if position is not None and not self.config.positions:
+            raise ValueError("this prior is unconditional: pass position=None")
+
+    def forward(self, indices: torch.Tensor, position: torch.Tensor | None = None) -> torch.Tensor:
+        """indices (B, h, w) int64, position (B,) int64 bins or None -> logits (B, K, h, w)."""
+        self._check(indices, position)
+        v = h = self.embed(indices).permute(0, 3, 1, 2)
+        for layer in self.layers:
+            v, feed = layer.vertical(v, position)
+            h = layer.horizontal(h, feed, position)
+        return self.head(h)
+
+    def _feeds(self, above: torch.Tensor, width: int, position: torch.Tensor | None) -> list[torch.Tensor]:
+        """Each layer's feed (B, 2C, 1, W) into the next row, from the rows above it (B, r, W) (r may be 0)."""
+        if above.shape[1] == 0:
+            weight = self.embed.weight
+            zeros = weight.new_zeros(len(above), 2 * self.config.channels, 1, width)
+            return [layer.v_to_h(zeros) for layer in self.layers]
+        v = self.embed(above).permute(0, 3, 1, 2)
+        feeds = []
+        for layer in self.layers:  # the feed into the next row is the shifted-down vertical output of this last row
+            v, feed = layer.vertical(F.pad(v, (0, 0, 0, 1)), position)
+            feeds.append(feed[:, :, -1:])
+            v = v[:, :, :-1]
+        return feeds
+
+    def _row_logits(self, row: torch.Tensor, feeds: list[torch.Tensor], position: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, K, W) of one row (B, W) given its feeds: column j is valid when columns < j are final."""
+        h = self.embed(row[:, None]).permute(0, 3, 1, 2)
+        for layer, feed in zip(self.layers, feeds):
+            h = layer.horizontal(h, feed, position)
+        return self.head(h)[:, :, 0]
+
+    def row_logits(self, indices: torch.Tensor, row: int, position: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, K, w) of row `row` computed the way `sample` does; equals forward(indices)[:, :, row]."""
+        self._check(indices, position)
+        above = indices[:, max(0, row - self.rows_seen):row]
+        return self._row_logits(indices[:, row], self._feeds(above, indices.shape[2], position), position)
+
+    @torch.no_grad()
+    def sample(self, n: int, shape: tuple[int, int], position: torch.Tensor | None = None, *, temperature: float = 1.0,
+               seed: int = 0, progress: bool = False) -> torch.Tensor:
+        """n index maps (n, h, w) int64 drawn position by position on the model's device. position: (n,) bins or
+        None; temperature divides the logits (< 1: safer, > 1: more varied); a seed gives the same maps."""
+        if n < 1 or temperature <= 0:
+            raise ValueError(f"need n >= 1 and temperature > 0, got n={n}, temperature={temperature}")
+        device = next(self.parameters()).device
+        height, width = shape
+        indices = torch.zeros(n, height, width, dtype=torch.int64, device=device)
+        self._check(indices, position)
+        generator = torch.Generator(device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        try:
+            for i in tqdm(range(height), desc="sampling rows", unit="row", disable=not progress, leave=False):
+                feeds = self._feeds(indices[:, max(0, i - self.rows_seen):i], width, position)
+                for j in range(width):
+                    logits = self._row_logits(indices[:, i], feeds, position)[:, :, j].float() / temperature
+                    indices[:, i, j] = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        finally:
+            self.train(was_training)
+        return indices
+
+
+def nll_per_latent(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood in nats per latent position: logits (B, K, h, w), indices (B, h, w) -> ()."""
+    return F.cross_entropy(logits.float(), indices)
+
+
+def unigram_nll(train: np.ndarray, test: np.ndarray, codebook_size: int) -> float:
+    """The baseline a prior must beat: nats per latent of `test` maps under the code frequencies of `train` maps
+    (add-one smoothed), i.e. a model that ignores all context. A uniform guess scores log(K)."""
+    counts = np.bincount(np.asarray(train).ravel(), minlength=codebook_size) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(test).ravel()].mean())
+
+
+def position_bins(data: SplitData, bins: int) -> np.ndarray:
+    """(N,) int64: each slice's position within its scan, slice index / largest index of that scan, in `bins`
+    equal bins (all zeros when bins is 0)."""
+    if bins == 0:
+        return np.zeros(len(data), dtype=np.int64)
+    scans = [f.scan for f in data.files]
+    last: dict[tuple[int, int], int] = {}
+    for scan, index in zip(scans, data.indices):
+        last[scan] = max(last.get(scan, 0), int(index))
+    relative = np.array([index / max(1, last[scan]) for scan, index in zip(scans, data.indices)])
+    return np.minimum((relative * bins).astype(np.int64), bins - 1)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def encode_maps(model: VQVAE, images: np.ndarray, batch_size: int = 64, *, amp: bool = False,
+                progress: bool = False) -> np.ndarray:
+    """Code index maps (N, h, w) int64 of images (N, H, W), on the model's device."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = np.empty((len(images), *model.latent_shape(images.shape[1:])), dtype=np.int64)
+    for start in tqdm(range(0, len(images), batch_size), desc="encoding", unit="batch", disable=not progress,
+                      leave=False):
+        x = torch.from_numpy(np.array(images[start:start + batch_size], dtype=np.float32))[:, None].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out[start:start + len(x)] = model.encode(x).cpu().numpy()
+    return out
+
+
+def cached_maps(vq: VQVAE, vq_sha256: str, images: np.ndarray, path: str | Path, *, amp: bool = False,
+                progress: bool = False) -> np.ndarray:
+    """`encode_maps` of images, cached in the .npy file `path`: reused when it was made from the same VQ-VAE
+    checkpoint (its sha256) and the same image bytes, re-encoded (and rewritten atomically) otherwise."""
+    path = Path(path)
+    digest = hashlib.sha256(vq_sha256.encode())
+    for start in range(0, len(images), 256):
+        digest.update(np.ascontiguousarray(images[start:start + 256]).tobytes())
+    key_path = path.with_suffix(".key")
+    if path.exists() and key_path.exists() and key_path.read_text() == digest.hexdigest():
+        maps = np.load(path)
+        if maps.shape[0] == len(images):
+            return maps.astype(np.int64)
+    maps = encode_maps(vq, images, amp=amp, progress=progress)
+    atomic_write(path, lambda f: np.save(f, maps.astype(np.int16 if vq.config.codebook_size <= 32767 else np.int64)))
+    atomic_write(key_path, lambda f: f.write(digest.hexdigest().encode()))
+    return maps
+
+
+@dataclass
+class PriorTrainConfig:
+    """A prior's training run. model: PriorConfig fields (codebook_size is set from the VQ-VAE). The schedule
+    fields mean what they mean in `train.TrainConfig`; amp: bf16 autocast."""
+
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 1e-3
+    schedule: str = "cosine"
+    warmup: float = 0.03
+    final_lr: float = 0.1
+    amp: bool = True
+    seed: int = 0
+    device: str = "auto"
+    limit: int | None = None
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_run_settings(self)
+        self.model = PriorConfig.from_dict(self.model).to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def make_prior_config(**settings: Any) -> PriorTrainConfig:
+    """A PriorTrainConfig from PriorTrainConfig and PriorConfig fields (e.g. epochs=2, channels=32)."""
+    model_fields = {f.name for f in dataclasses.fields(PriorConfig)}
+    train_fields = {f.name for f in dataclasses.fields(PriorTrainConfig)}
+    unknown = sorted(set(settings) - model_fields - train_fields)
+    if unknown:
+        raise ValueError(f"unknown prior settings {', '.join(unknown)}; train settings: {', '.join(sorted(train_fields))}; "
+                         f"model settings: {', '.join(sorted(model_fields))}")
+    model = {**settings.pop("model", {}), **{k: settings.pop(k) for k in model_fields & set(settings)}}
+    return PriorTrainConfig(**settings, model=model)
+
+
+def load_prior(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[PixelCNNPrior, dict[str, Any]]:
+    """The prior a checkpoint holds (eval mode) and its payload (payload["vqvae"] names the VQ-VAE it models)."""
+    return load_module(path, "prior", lambda c: PixelCNNPrior(PriorConfig.from_dict(c)), map_location)
+
+
+def check_pair(vq_checkpoint: str | Path, prior_payload: dict[str, Any], prior_path: str | Path) -> str:
+    """Refuse (CheckpointError) a prior trained on the codes of another VQ-VAE; returns the VQ-VAE's sha256."""
+    sha = file_sha256(vq_checkpoint)
+    expected = prior_payload.get("vqvae", {}).get("sha256")
+    if sha != expected:
+        raise CheckpointError(f"prior {prior_path} was trained on the codes of another VQ-VAE checkpoint "
+                              f"({prior_payload.get('vqvae', {}).get('path', '?')}, sha256 {str(expected)[:12]}...), "
+                              f"not {vq_checkpoint} (sha256 {sha[:12]}...)")
+    return sha
+
+
+def _batches(n: int, batch_size: int, order: torch.Tensor | None = None):
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+
+
+def train_prior(vq_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, config: PriorTrainConfig, *,
+                resume: bool = False, overwrite: bool = False, progress: bool = True,
+                callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Fit a PixelCNNPrior to the index maps the VQ-VAE `vq_checkpoint` gives the train split of data_dir.
+
+    The maps of the train and validate splits are encoded once and cached in out_dir (maps_*.npy). The run
+    folder works as in `train.train` (best.pt: lowest validation NLL). Returns the history, one record per
+    epoch: epoch, lr, train_nll (nats per latent, training mode), maps_per_s, val_nll, val_bits (bits per
+    latent, whole validation split), seconds.
+    """
+    out_dir = Path(out_dir)
+    device = select_device(config.device)
+    vq, vq_payload = load_model(vq_checkpoint, map_location=device)
+    if config.model["codebook_size"] != vq.config.codebook_size:
+        raise ValueError(f"the prior's codebook_size {config.model['codebook_size']} differs from the VQ-VAE's "
+                         f"{vq.config.codebook_size} ({vq_checkpoint})")
+    payload = runs.start(out_dir, "prior", config.to_dict(), config.model, resume=resume, overwrite=overwrite)
+    sha = file_sha256(vq_checkpoint)
+    if payload is not None:
+        check_pair(vq_checkpoint, payload, out_dir / "last.pt")
+    amp = bool(vq_payload["train_config"].get("amp", False))
+    splits = {}
+    for split in ("train", "validate"):
+        data = load_split(data_dir, split, progress=progress)
+        limit = config.limit if split == "train" else None
+        maps = cached_maps(vq, sha, data.images[:limit], out_dir / f"maps_{split}.npy", amp=amp, progress=progress)
+        bins = position_bins(data, config.model["positions"])[:limit]
+        splits[split] = (torch.from_numpy(maps).to(device), torch.from_numpy(bins).to(device))
+    del vq
+    (train_maps, train_bins), (val_maps, val_bins) = splits["train"], splits["validate"]
+    conditioned = config.model["positions"] > 0
+    steps = config.epochs * math.ceil(len(train_maps) / config.batch_size)
+
+    with torch.random.fork_rng(devices=runs.cuda_devices(device)):
+        torch.manual_seed(config.seed)
+        model = PixelCNNPrior(PriorConfig.from_dict(config.model)).to(device)
+        optimizer, scheduler = optimizer_for(model, config, steps)
+
+        def nll(maps: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+                logits = model(maps, bins if conditioned else None)
+            return nll_per_latent(logits, maps)
+
+        def one_epoch(epoch: int) -> dict[str, Any]:
+            model.train()
+            started, total = time.perf_counter(), torch.zeros((), dtype=torch.float64, device=device)
+            order = torch.randperm(len(train_maps), generator=runs.epoch_generator(config.seed, epoch)).to(device)
+            with tqdm(total=len(train_maps), desc=f"prior epoch {epoch}/{config.epochs}", unit="map",
+                      disable=not progress, leave=False) as bar:
+                for batch in _batches(len(train_maps), config.batch_size, order):
+                    loss = nll(train_maps[batch], train_bins[batch])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    total += loss.detach().double() * len(batch)
+                    bar.update(len(batch))
+            mean = total.item() / len(train_maps)
+            if not math.isfinite(mean):
+                raise RuntimeError(f"prior training diverged in epoch {epoch}: the NLL is {mean}; lower the lr")
+            return {"train_nll": mean, "maps_per_s": len(train_maps) / (time.perf_counter() - started)}
+
+        @torch.no_grad()
+        def score() -> dict[str, Any]:
+            model.eval()
+            total = sum(nll(val_maps[b], val_bins[b]).double().item() * len(val_maps[b])
+                        for b in _batches(len(val_maps), 64))
+            return {"val_nll": total / len(val_maps), "val_bits": total / len(val_maps) / math.log(2)}
+
+        extra = {"vqvae": {"sha256": sha, "path": str(vq_checkpoint), "latent_shape": list(train_maps.shape[1:])}}
+        return runs.fit(out_dir, kind="prior", model=model, optimizer=optimizer, scheduler=scheduler, payload=payload,
+                        train_config=config.to_dict(), model_config=model.config.to_dict(), epochs=config.epochs,
+                        device=device, one_epoch=one_epoch, score=score, best="val_nll", minimize=True, extra=extra,
+                        callback=callback)
+
+
+def sample_slices(vq_checkpoint: str | Path, prior_checkpoint: str | Path, n: int, *, seed: int = 0,
+                  temperature: float = 1.0, position: int | None = None, device: str = "auto",
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n new slices: index maps drawn from the prior, decoded by the VQ-VAE.
+
+    position: the slice-position bin for every sample, or None to draw the bins uniformly (seeded) for a
+    conditioned prior. Returns (images (n, H, W) float32 clipped to [0, 1], maps (n, h, w) int64, bins (n,)).
+    """
+    dev = select_device(device)
+    prior, payload = load_prior(prior_checkpoint, map_location=dev)
+    check_pair(vq_checkpoint, payload, prior_checkpoint)
+    vq, _ = load_model(vq_checkpoint, map_location=dev)
+    bins_count = prior.config.positions
+    if position is not None and not 0 <= position < max(1, bins_count):
+        raise ValueError(f"position must be a bin in [0, {bins_count}), got {position}")
+    rng = np.random.default_rng(seed)
+    bins = np.full(n, position if position is not None else 0, dtype=np.int64)
+    if position is None and bins_count:
+        bins = rng.integers(0, bins_count, n)
+    cond = torch.from_numpy(bins).to(dev) if bins_count else None
+    maps = prior.sample(n, tuple(payload["vqvae"]["latent_shape"]), cond, temperature=temperature, seed=seed,
+                        progress=progress)
+    images = torch.cat([vq.decode_indices(maps[b]) for b in _batches(n, 32)]).clamp(0, 1)[:, 0]
+    return images.cpu().numpy(), maps.cpu().numpy(), bins
