@@ -204,7 +204,7 @@ viz.image_rows({"samples": list(samples[:shown]), "real (test)": [real[i] for i 
 # ## 5. Are the samples new, and do they look real?
 #
 # **Not copies.** For every sample we find the training slice with the highest SSIM. A prior that memorised
-# its training maps would produce near-copies (SSIM close to that of a reconstruction, about 0.65 for this
+# its training maps would produce near-copies (SSIM close to that of a reconstruction, about 0.75 for this
 # model). As a yardstick we do the same for real test slices, which are certainly not in the training set:
 # samples should be about as far from their nearest training slice as a new real slice is.
 
