@@ -26,7 +26,7 @@
 #
 # **Expected run time:** on a CPU the notebook trains a short demonstration run (about a minute on 2 cores)
 # and shows the curves of the committed checkpoint `checkpoints/default.pt`, trained with the command in
-# the README (30 epochs, about 23 minutes on 2 CPU cores). With a GPU it runs those 30 epochs itself
+# the README (30 epochs, about 21 minutes on 2 CPU cores). With a GPU it runs those 30 epochs itself
 # (GPU timings are not measured yet).
 
 # %% tags=["parameters"]
