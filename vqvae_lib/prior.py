@@ -45,7 +45,7 @@ class PriorConfig:
     codebook_size: int = 512  # the VQ-VAE's K: the prior predicts one of K codes per position
     channels: int = 64
     layers: int = 8
-    kernel: int = 5  # odd; the vertical stack's kernel is (kernel // 2 + 1) x kernel, the horizontal's 1 x (kernel // 2 + 1)
+    kernel: int = 5  # odd; vertical stack kernel (kernel // 2 + 1) x kernel, horizontal 1 x (kernel // 2 + 1)
     positions: int = 8  # slice-position bins to condition on (0: unconditional)
 
     def __post_init__(self) -> None:
@@ -293,7 +293,8 @@ def make_prior_config(**settings: Any) -> PriorTrainConfig:
     train_fields = {f.name for f in dataclasses.fields(PriorTrainConfig)}
     unknown = sorted(set(settings) - model_fields - train_fields)
     if unknown:
-        raise ValueError(f"unknown prior settings {', '.join(unknown)}; train settings: {', '.join(sorted(train_fields))}; "
+        raise ValueError(f"unknown prior settings {', '.join(unknown)}; "
+                         f"train settings: {', '.join(sorted(train_fields))}; "
                          f"model settings: {', '.join(sorted(model_fields))}")
     model = {**settings.pop("model", {}), **{k: settings.pop(k) for k in model_fields & set(settings)}}
     return PriorTrainConfig(**settings, model=model)
@@ -337,9 +338,7 @@ def train_prior(vq_checkpoint: str | Path, data_dir: str | Path, out_dir: str | 
         raise ValueError(f"the prior's codebook_size {config.model['codebook_size']} differs from the VQ-VAE's "
                          f"{vq.config.codebook_size} ({vq_checkpoint})")
     payload = runs.start(out_dir, "prior", config.to_dict(), config.model, resume=resume, overwrite=overwrite)
-    sha = file_sha256(vq_checkpoint)
-    if payload is not None:
-        check_pair(vq_checkpoint, payload, out_dir / "last.pt")
+    sha = check_pair(vq_checkpoint, payload, out_dir / "last.pt") if payload is not None else file_sha256(vq_checkpoint)
     amp = bool(vq_payload["train_config"].get("amp", False))
     splits = {}
     for split in ("train", "validate"):

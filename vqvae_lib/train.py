@@ -72,6 +72,15 @@ def optimizer_for(model: torch.nn.Module, config: Any, steps: int) -> tuple[torc
     return optimizer, LambdaLR(optimizer, partial(lr_factor, total_steps=steps, config=config))
 
 
+def prepare_model(model: torch.nn.Module, config: TrainConfig, device: torch.device, steps: int
+                  ) -> tuple[torch.nn.Module, torch.optim.Optimizer, LambdaLR]:
+    """The model on `device` (channels-last if the config says so), with its optimizer and scheduler."""
+    model = model.to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return (model, *optimizer_for(model, config, steps))
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run. Build one with `make_config`.
@@ -286,10 +295,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
     # The run's RNG use stays inside: the caller's global RNG state is the same afterwards.
     with torch.random.fork_rng(devices=runs.cuda_devices(device)):
         torch.manual_seed(config.seed)
-        model = VQVAE(config.model_config()).to(device)
-        if config.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer, scheduler = optimizer_for(model, config, steps)
+        model, optimizer, scheduler = prepare_model(VQVAE(config.model_config()), config, device, steps)
         quantizer = _quantizer(model)
 
         def one_epoch(epoch: int) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from .checkpoint import load_module
 from .data import load_split
 from .metrics import ssim_psnr
 from .model import Decoder, Encoder, ModelConfig
-from .train import TrainConfig, optimizer_for, resident_images, select_device
+from .train import TrainConfig, prepare_model, resident_images, select_device
 
 ACTIVE_KL = 0.01  # nats per position: a latent channel with less mean KL carries (almost) no information
 
@@ -119,10 +119,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *,
 
     with torch.random.fork_rng(devices=runs.cuda_devices(device)):
         torch.manual_seed(config.seed)
-        model = GaussianVAE(config.model_config()).to(device)
-        if config.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer, scheduler = optimizer_for(model, config, steps)
+        model, optimizer, scheduler = prepare_model(GaussianVAE(config.model_config()), config, device, steps)
 
         def one_epoch(epoch: int) -> dict[str, Any]:
             model.train()
