@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import data, phantom, train
+from . import data, distributed, phantom, train
 from .checkpoint import CheckpointError, load_checkpoint
 from .fileio import save_json
 
@@ -80,7 +80,10 @@ def _train(args: argparse.Namespace) -> int:
         trained.append(record)
         _print_epoch(record, config.epochs, config.model["codebook_size"])
 
-    history = train.train(args.data_dir, out, config, resume=args.resume, overwrite=args.overwrite, callback=report)
+    history = train.train(args.data_dir, out, config, resume=args.resume, overwrite=args.overwrite,
+                          compile=args.compile, callback=report)
+    if not distributed.is_main():  # rank 0 reports for a data-parallel run
+        return 0
     if not trained:
         done = history[-1]["epoch"]
         print(f"{out} had already finished {done} epoch{'s' * (done != 1)}: nothing to do")
@@ -222,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive(int), help="train on the first N training slices only")
     p.add_argument("--downsample", type=int, choices=(4, 8, 16))
     p.add_argument("--ssim-weight", type=float, help="loss = MSE + W (1 - SSIM) (default: the preset's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU runs)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("vae", help="train the Gaussian VAE (default recipe, same budget as the VQ-VAE) for comparison")
@@ -278,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if distributed.is_main() else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (data.DataError, CheckpointError, FileExistsError, FileNotFoundError, RuntimeError) as e:

@@ -16,7 +16,9 @@ On top of the paper's plain version, three optional fixes against codebook colla
 - ``init``: start the codebook from the encoder's outputs ("sample" or "kmeans") instead of random numbers;
 - ``restart``: re-set codes that are (nearly) never chosen to random encoder outputs of the current batch.
 
-All state lives in registered buffers, so a checkpoint (``state_dict``) restores it exactly.
+All state lives in registered buffers, so a checkpoint (``state_dict``) restores it exactly. Under data-parallel
+training (``torchrun``) the codebook statistics are summed across processes (`distributed`), so every replica
+makes the same update as one process would on the whole global batch.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import distributed
 
 INITS = ("uniform", "sample", "kmeans")
 KMEANS_MAX_POINTS = 20_000  # k-means at initialisation runs on at most this many sampled encoder outputs
@@ -173,8 +177,11 @@ class VectorQuantizer(nn.Module):
             #    pass copies the decoder's gradient to z_e unchanged (and none to the codebook).
             quantized = e.detach() + (z_e - z_e.detach())
 
-            # 5. Code usage in this batch: perplexity = exp(entropy of the code histogram).
-            probs = torch.bincount(indices, minlength=self.num_codes).float() / len(indices)  # (K,)
+            # 5. Code usage in this batch (over all processes): perplexity = exp(entropy of the code histogram).
+            counts = torch.bincount(indices, minlength=self.num_codes).float()  # (K,)
+            if self.training:
+                distributed.all_reduce_sum(counts)
+            probs = counts / counts.sum()
             perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum())
 
             # 6. Training only: update the codebook (EMA), track code usage, restart dead codes. This batch has
@@ -193,6 +200,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _init_from_data(self, flat: torch.Tensor) -> None:
         """Set every code from the encoder outputs flat (N, D) of the first training batch."""
+        flat = distributed.gather_rows(flat)  # every process initialises from the same global batch
         if self.init == "sample":
             codes = sample_rows(flat, self.num_codes)
         else:
@@ -205,10 +213,10 @@ class VectorQuantizer(nn.Module):
     def _ema_update(self, flat: torch.Tensor, onehot: torch.Tensor) -> None:
         """Move each code to the EMA of the vectors assigned to it: flat (N, D), onehot (N, K) assignments.
 
-        Multi-GPU hook: all-reduce (sum) `counts` and `sums` across processes right after computing them.
+        Under data-parallel training, `counts` and `sums` are summed over all processes' batches.
         """
-        counts = onehot.sum(0)  # n_k: how many vectors chose code k in this batch, (K,)
-        sums = onehot.t() @ flat  # the sum of those vectors, (K, D)
+        counts = distributed.all_reduce_sum(onehot.sum(0))  # n_k: how many vectors chose code k in this batch, (K,)
+        sums = distributed.all_reduce_sum(onehot.t() @ flat)  # the sum of those vectors, (K, D)
         # Moving averages (paper, appendix A.1):
         # N_k <- decay N_k + (1 - decay) n_k  and  m_k <- decay m_k + (1 - decay) sums_k
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
@@ -225,7 +233,7 @@ class VectorQuantizer(nn.Module):
         """Re-set codes whose smoothed usage is below threshold to random encoder outputs of flat (N, D)."""
         dead = torch.nonzero(self.usage < self.restart_threshold / self.num_codes).squeeze(1)
         if len(dead) > 0:
-            self._reset_codes(dead, sample_rows(flat, len(dead)))
+            self._reset_codes(dead, sample_rows(distributed.gather_rows(flat), len(dead)))
             self.restart_count += len(dead)
 
     @torch.no_grad()

@@ -62,10 +62,7 @@ def start(out_dir: str | Path, kind: str, train_config: dict[str, Any], model_co
         raise ValueError("resume and overwrite exclude each other")
     if resume:
         path = out_dir / "last.pt"
-        payload = load_checkpoint(path, kind=kind)
-        missing = [key for key in ("optimizer_state", "scheduler_state", "rng") if key not in payload]
-        if missing:
-            raise CheckpointError(f"cannot resume from {path}: it lacks {', '.join(missing)}")
+        payload = load_resume(out_dir, kind)
         diff = config_diff(payload["train_config"], train_config, ignore=RESUME_MAY_CHANGE + ("model",))
         diff += config_diff(payload["model_config"], model_config)
         if diff:
@@ -82,19 +79,30 @@ def start(out_dir: str | Path, kind: str, train_config: dict[str, Any], model_co
     return None
 
 
+def load_resume(out_dir: str | Path, kind: str) -> dict[str, Any]:
+    """The payload of out_dir/last.pt, checked to be of `kind` and to hold the resume state (CheckpointError)."""
+    path = Path(out_dir) / "last.pt"
+    payload = load_checkpoint(path, kind=kind)
+    missing = [key for key in ("optimizer_state", "scheduler_state", "rng") if key not in payload]
+    if missing:
+        raise CheckpointError(f"cannot resume from {path}: it lacks {', '.join(missing)}")
+    return payload
+
+
 def fit(out_dir: str | Path, *, kind: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         scheduler: LambdaLR, payload: dict[str, Any] | None, train_config: dict[str, Any],
         model_config: dict[str, Any], epochs: int, device: torch.device,
         one_epoch: Callable[[int], dict[str, Any]], score: Callable[[], dict[str, Any]], best: str,
         minimize: bool = False, extra: dict[str, Any] | None = None,
-        callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        callback: Callable[[dict[str, Any]], None] | None = None, main: bool = True) -> list[dict[str, Any]]:
     """Train epochs len(history) + 1 .. epochs, writing the run folder after each; returns the history.
 
     payload: what `start` returned (None for a new run): its weights, optimizer, scheduler and RNG states are
     restored first. one_epoch(epoch) trains one epoch and returns its record fields; score() validates. The
     record of an epoch is {"epoch", "lr" (at its start), **one_epoch, **score, "seconds"}; best.pt holds the
     epoch with the highest (or, with minimize, lowest) record[best]. extra: more plain values for both checkpoints.
-    callback(record) runs after the files are written.
+    callback(record) runs after the files are written. main=False (the other processes of a data-parallel run):
+    train only; no scoring, files or callback, and the history holds the one_epoch fields.
     """
     out_dir = Path(out_dir)
     history: list[dict[str, Any]] = []
@@ -112,6 +120,9 @@ def fit(out_dir: str | Path, *, kind: str, model: torch.nn.Module, optimizer: to
         started = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         record.update(one_epoch(epoch))
+        if not main:
+            history.append(record)
+            continue
         record.update(score())
         record["seconds"] = time.perf_counter() - started
         history.append(record)

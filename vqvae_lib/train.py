@@ -2,7 +2,8 @@
 
 Run folders (best.pt, last.pt, metrics.json, resuming) are handled by `runs`. On CPU, a run is exactly
 reproducible from its seed, and a resumed run gives the same weights and history as one that was never
-interrupted.
+interrupted. Under ``torchrun --nproc_per_node=N`` the same run trains data-parallel (`distributed`): each
+process takes its share of every global batch of `batch_size` slices.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from . import runs
+from . import distributed, runs
 from .checkpoint import load_model
 from .data import load_split
 from .metrics import CodeUsage, ssim_psnr, ssim_torch
@@ -238,31 +239,47 @@ def validate(model: VQVAE, images: np.ndarray, batch_size: int, device: torch.de
             "val_psnr": float(psnr.mean()), "val_perplexity": usage.perplexity, "val_active": usage.active}
 
 
-def _train_epoch(model: VQVAE, images: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+def global_batches(n: int, batch_size: int, world: int = 1) -> list[tuple[int, int]]:
+    """(start, stop) of each global batch of an epoch over n slices. With `world` processes each batch is split
+    between them, so a last batch of fewer than `world` slices is left out (it could not feed every process)."""
+    batches = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    return [(a, b) for a, b in batches if b - a >= world]
+
+
+def _train_epoch(net: torch.nn.Module, images: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
                  config: TrainConfig, device: torch.device, epoch: int, progress: bool) -> dict[str, float]:
-    """One pass over images (N, 1, H, W) in a seeded random order; returns the mean losses (and SSIM) per image."""
-    model.train()
-    n = len(images)
-    order = torch.randperm(n, generator=runs.epoch_generator(config.seed, epoch)).to(images.device)
+    """One pass over images (N, 1, H, W) in a seeded random order; returns the mean losses (and SSIM) per image.
+
+    net: the model, possibly wrapped (DistributedDataParallel, torch.compile). Data-parallel: every process draws
+    the same order and trains on its contiguous share of each global batch; its loss is weighted by its share, so
+    the averaged gradient is that of the whole global batch.
+    """
+    net.train()
+    world, rank = distributed.world_size(), distributed.rank()
+    batches = global_batches(len(images), config.batch_size, world)
+    order = torch.randperm(len(images), generator=runs.epoch_generator(config.seed, epoch)).to(images.device)
     sums = torch.zeros(5, device=device, dtype=torch.float64)  # total, MSE, SSIM, commitment, codebook (x batch)
-    with tqdm(total=n, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress, leave=False) as bar:
-        for start in range(0, n, config.batch_size):
-            x = images[order[start:start + config.batch_size]].to(device, non_blocking=True)
+    seen = sum(b - a for a, b in batches)
+    with tqdm(total=seen, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress,
+              leave=False) as bar:
+        for start, stop in batches:
+            mine = torch.tensor_split(order[start:stop], world)[rank]
+            x = images[mine].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
-                out = model(x)
+                out = net(x)
             recon = out.recon.float()
             mse, ssim = F.mse_loss(recon, x), ssim_torch(recon, x).mean()
             loss = mse + out.vq.loss
             if config.ssim_weight:
                 loss = loss + config.ssim_weight * (1 - ssim)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * (len(x) * world / (stop - start))).backward()  # DDP divides the summed gradients by world
             optimizer.step()
             scheduler.step()
             parts = torch.stack([loss, mse, ssim, out.vq.commitment, out.vq.codebook_loss]).detach()
             sums += parts.double() * len(x)  # no .item() per step: it would wait for the GPU every batch
-            bar.update(len(x))
-    total, mse, ssim, commitment, codebook = (sums / n).tolist()
+            bar.update(stop - start)
+    total, mse, ssim, commitment, codebook = (distributed.all_reduce_sum(sums) / seen).tolist()
     if not math.isfinite(total):
         raise RuntimeError(f"training diverged in epoch {epoch}: the loss is {total}; try a lower learning rate")
     return {"train_loss": total, "train_recon": mse, "train_ssim": ssim, "train_commitment": commitment,
@@ -270,44 +287,61 @@ def _train_epoch(model: VQVAE, images: torch.Tensor, optimizer: torch.optim.Opti
 
 
 def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, resume: bool = False,
-          overwrite: bool = False, progress: bool = True,
+          overwrite: bool = False, progress: bool = True, compile: bool = False,
           callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a VQVAE on the train split of data_dir, validating on the whole validate split after every epoch.
 
     Writes out_dir/last.pt, best.pt (best validation SSIM) and metrics.json after every epoch (`runs.fit`).
     resume: continue from last.pt (only `epochs` and `device` may differ from its config; a finished run is
-    returned as is). overwrite: replace a run already in out_dir (refused otherwise). callback(record) runs after
-    each epoch's files are written.
+    returned as is). overwrite: replace a run already in out_dir (refused otherwise). compile: run the training
+    forward and backward through `torch.compile` (worth it on a GPU; the weights and checkpoints are the same
+    model). callback(record) runs after each epoch's files are written.
+
+    Under torchrun (several processes) the run is data-parallel: rank 0 claims the folder, builds the data cache
+    first, validates, writes the files and calls `callback`; every process returns the same history.
 
     Returns the history, one record per epoch: epoch; lr (at the epoch's start); train_loss, train_recon (MSE),
     train_ssim, train_commitment, train_codebook (means per image, in training mode); restarts (dead codes re-set
-    in the epoch); images_per_s (training); val_recon (MSE of the clipped reconstruction), val_ssim, val_psnr
-    (means over the whole validation split), val_perplexity, val_active (code usage over the whole split);
-    seconds (training and validation).
+    in the epoch); images_per_s (training, all processes); val_recon (MSE of the clipped reconstruction),
+    val_ssim, val_psnr (means over the whole validation split), val_perplexity, val_active (code usage over the
+    whole split); seconds (training and validation); data-parallel runs also replica_divergence (the largest
+    difference of any weight or codebook entry between processes after the epoch: 0.0 when they agree).
     """
-    payload = runs.start(out_dir, "vqvae", config.to_dict(), config.model, resume=resume, overwrite=overwrite)
-    device = select_device(config.device)
-    train_split = load_split(data_dir, "train", progress=progress)
-    val_images = load_split(data_dir, "validate", progress=progress).images
-    images = resident_images(train_split.images[:config.limit], device)
-    steps = config.epochs * math.ceil(len(images) / config.batch_size)
+    with distributed.process_group(config.device):
+        payload = distributed.main_first(
+            lambda: runs.start(out_dir, "vqvae", config.to_dict(), config.model, resume=resume, overwrite=overwrite),
+            lambda: runs.load_resume(out_dir, "vqvae") if resume else None)
+        device = distributed.local_device(select_device(config.device))
+        main = distributed.is_main()
+        train_split = distributed.main_first(lambda: load_split(data_dir, "train", progress=progress and main))
+        val_images = load_split(data_dir, "validate", progress=progress and main).images if main else None
+        images = resident_images(train_split.images[:config.limit], device)
+        batches = global_batches(len(images), config.batch_size, distributed.world_size())
+        steps, per_epoch = config.epochs * len(batches), sum(stop - start for start, stop in batches)
 
-    # The run's RNG use stays inside: the caller's global RNG state is the same afterwards.
-    with torch.random.fork_rng(devices=runs.cuda_devices(device)):
-        torch.manual_seed(config.seed)
-        model, optimizer, scheduler = prepare_model(VQVAE(config.model_config()), config, device, steps)
-        quantizer = _quantizer(model)
+        # The run's RNG use stays inside: the caller's global RNG state is the same afterwards.
+        with torch.random.fork_rng(devices=runs.cuda_devices(device)):
+            torch.manual_seed(config.seed)
+            model, optimizer, scheduler = prepare_model(VQVAE(config.model_config()), config, device, steps)
+            net = distributed.wrap(model, device)
+            net = torch.compile(net) if compile else net
+            quantizer = _quantizer(model)
 
-        def one_epoch(epoch: int) -> dict[str, Any]:
-            started, restarts_before = time.perf_counter(), quantizer.restarts_total
-            record = _train_epoch(model, images, optimizer, scheduler, config, device, epoch, progress)
-            return {**record, "restarts": quantizer.restarts_total - restarts_before,
-                    "images_per_s": len(images) / (time.perf_counter() - started)}
+            def one_epoch(epoch: int) -> dict[str, Any]:
+                started, restarts_before = time.perf_counter(), quantizer.restarts_total
+                record = _train_epoch(net, images, optimizer, scheduler, config, device, epoch, progress and main)
+                record.update(restarts=quantizer.restarts_total - restarts_before,
+                              images_per_s=per_epoch / (time.perf_counter() - started))
+                if distributed.active():
+                    record["replica_divergence"] = distributed.replica_divergence(model)
+                return record
 
-        return runs.fit(out_dir, kind="vqvae", model=model, optimizer=optimizer, scheduler=scheduler, payload=payload,
-                        train_config=config.to_dict(), model_config=model.config.to_dict(), epochs=config.epochs,
-                        device=device, one_epoch=one_epoch, best="val_ssim", callback=callback,
-                        score=lambda: validate(model, val_images, config.batch_size, device, amp=config.amp))
+            history = runs.fit(out_dir, kind="vqvae", model=model, optimizer=optimizer, scheduler=scheduler,
+                               payload=payload, train_config=config.to_dict(), model_config=model.config.to_dict(),
+                               epochs=config.epochs, device=device, one_epoch=one_epoch, best="val_ssim",
+                               callback=callback, main=main,
+                               score=lambda: validate(model, val_images, config.batch_size, device, amp=config.amp))
+        return distributed.broadcast_object(history)
 
 
 def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", *, batch_size: int = 64,

@@ -1,0 +1,71 @@
+"""Data-parallel training with torchrun: 2 CPU processes (gloo) against one process on the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vqvae_lib import distributed
+from vqvae_lib.checkpoint import load_checkpoint
+from vqvae_lib.train import global_batches
+
+TRAIN = ["-m", "vqvae_lib", "train", "--device", "cpu", "--limit", "64", "--epochs", "2", "--batch-size", "16",
+         "--downsample", "8", "--seed", "3"]
+
+
+def _run(command: list[str], cwd: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes share the two cores
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_phantom, tmp_path_factory):
+    """The same run twice: one process, and torchrun with 2 processes splitting each global batch of 16."""
+    root = tmp_path_factory.mktemp("ddp")
+    repo = Path(__file__).resolve().parents[1]
+    data = ["--data-dir", str(tiny_phantom)]
+    _run([sys.executable, *TRAIN, *data, "--out", str(root / "single")], repo)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    _run([*torchrun, *TRAIN, *data, "--out", str(root / "ddp")], repo)
+    print("torchrun test: executed with 2 processes (gloo backend)")
+    return {name: (json.loads((root / name / "metrics.json").read_text()),
+                   load_checkpoint(root / name / "last.pt", kind="vqvae")) for name in ("single", "ddp")}
+
+
+def test_every_process_keeps_the_same_weights_and_codebook(runs):
+    history, _ = runs["ddp"]
+    # replica_divergence is only recorded by a data-parallel run: max |weight or buffer - rank 0's| after each epoch.
+    assert [record["replica_divergence"] for record in history] == [0.0, 0.0]
+
+
+def test_data_parallel_run_matches_one_process(runs):
+    (single, one), (ddp, two) = runs["single"], runs["ddp"]
+    assert "replica_divergence" not in single[0]
+    # Same data, order, global batches and codebook updates: only float summation order differs (bf16 autocast).
+    for a, b in zip(single, ddp, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert b["val_ssim"] == pytest.approx(a["val_ssim"], abs=2e-3)
+        assert b["val_active"] == a["val_active"] and b["restarts"] == a["restarts"]
+    for name, weight in one["model_state"].items():
+        if weight.is_floating_point() and weight.numel():
+            diff = (weight - two["model_state"][name]).abs().max() / weight.abs().max().clamp(min=1e-8)
+            assert diff < 0.05, f"{name} differs by {diff:.3f} of its largest entry"
+
+
+def test_global_batches_leave_out_a_last_batch_too_small_to_split():
+    assert global_batches(70, 32) == [(0, 32), (32, 64), (64, 70)]
+    assert global_batches(65, 32, world=2) == [(0, 32), (32, 64)]
+    assert global_batches(66, 32, world=2) == [(0, 32), (32, 64), (64, 66)]
+
+
+def test_helpers_are_no_ops_in_one_process():
+    x = torch.arange(6.0).reshape(3, 2)
+    assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.all_reduce_sum(x.clone()).equal(x)
+    assert distributed.gather_rows(x).equal(x)
+    assert distributed.main_first(lambda: 1, lambda: 2) == 1
