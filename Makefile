@@ -1,14 +1,19 @@
-# Two entry points, each doing its own setup on a fresh machine:
+# Entry points, each doing its own setup on a fresh machine:
 #   make figures   generate the phantom if absent, execute every notebook, write figures/
-#   make test      run the test suite
+#   make test      run the test suite (installs Debian's Chromium for the browser test if absent)
+#   make lab       open the series in JupyterLab
+#   make explorer  serve the codebook explorer as a web page (Voila) on 127.0.0.1
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 KERNEL := hipmri-vqvae
 DATA_DIR ?= data/phantom
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+LAB_OVERRIDES := $(VENV)/etc/jupyter/labconfig/default_setting_overrides.json
 
-.PHONY: setup figures test ipynb clean
+.PHONY: setup figures test ipynb lab explorer clean
 setup: $(STAMP)
 
 # A local virtual environment with the pinned dependencies and the project's Jupyter kernel.
@@ -23,11 +28,29 @@ $(STAMP): pyproject.toml
 data/phantom/PHANTOM.json: | $(STAMP)
 	$(PY) -m vqvae_lib phantom --out data/phantom --size small --seed 0 --force
 
-figures: $(STAMP) $(if $(filter data/phantom,$(DATA_DIR)),data/phantom/PHANTOM.json)
-	$(PY) -m vqvae_lib notebooks --data-dir $(DATA_DIR) --fig-dir figures --build build
+# Debian's Chromium, which the browser test and the explorer page's screenshot drive (never downloaded by a
+# test tool); a failed install stops the build.
+$(CHROMIUM):
+	$(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium \
+		|| { echo "error: could not install Debian's chromium, needed by tests/test_browser.py" >&2; exit 1; }
+	test -x $@
 
-test: $(STAMP)
+figures: $(STAMP) $(if $(filter data/phantom,$(DATA_DIR)),data/phantom/PHANTOM.json) $(CHROMIUM)
+	$(PY) -m vqvae_lib notebooks --data-dir $(DATA_DIR) --fig-dir figures --build build
+	EXPLORER_DATA_DIR=$(DATA_DIR) $(PY) -m vqvae_lib.explorer_page screenshot figures/05_explorer_page.png
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
+
+# JupyterLab on the series, from .venv: the jupytext scripts open as notebooks on a double click.
+lab: $(STAMP)
+	$(VENV)/bin/jupytext-config --settings-file $(LAB_OVERRIDES) set-default-viewer python
+	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
+
+# The explorer of notebook 05 as a web page (notebooks/explorer_app.py in Voila, no code shown) on 127.0.0.1,
+# with the committed checkpoint and the default phantom (EXPLORER_DATA_DIR, EXPLORER_CHECKPOINT override them).
+explorer: $(STAMP) data/phantom/PHANTOM.json
+	$(PY) -m vqvae_lib.explorer_page serve
 
 # Plain .ipynb copies of the notebooks (for Jupyter users who do not use jupytext), in build/ipynb.
 ipynb: $(STAMP)

@@ -1,0 +1,28 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python (hipmri-vqvae)
+#     language: python
+#     name: hipmri-vqvae
+# ---
+
+# %% [markdown]
+# # Codebook explorer
+#
+# The trained VQ-VAE stores every slice as a grid of code indices, one per pixel block (4 x 4 with the
+# default checkpoint). Slide through the test slices; choose a code to see where the slice uses it
+# (highlighted on the image and on the index map) and what the code alone decodes to.
+#
+# This page is served by Voilà (`make explorer`); the explorer is the one of notebook 05.
+
+# %%
+from IPython.display import display
+
+from vqvae_lib import explorer_page
+
+display(explorer_page.app())

@@ -1,0 +1,106 @@
+"""End to end: the explorer's Voilà page on 127.0.0.1, driven in Debian's headless Chromium.
+
+The page is served from notebooks/explorer_app.py on the tiny phantom with the committed checkpoint. The
+test moves the slice slider and chooses a code in the browser, and checks each time that the picture the page
+shows is the one CodebookExplorer renders in this process for that state, and that the chosen code's cells,
+and only those, are drawn in the highlight colour on the page's index map. A missing Chromium fails the test.
+"""
+
+import io
+import urllib.request
+
+import numpy as np
+import psutil
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from vqvae_lib import explorer_page, pageserver, runner, viz
+from vqvae_lib.explorer import HIGHLIGHT, WIDGET_DPI, CodebookExplorer
+
+CHECKPOINT = runner.REPO / "checkpoints" / "default.pt"
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+
+def _assert_same_picture(shown: bytes, expected: bytes) -> None:
+    """The page's PNG is the Python rendering: identical, or (other float rounding in the kernel) nearly so."""
+    if shown == expected:
+        return
+    a, b = _pixels(shown), _pixels(expected)
+    assert a.shape == b.shape
+    off = np.abs(a - b).max(axis=2) > 2
+    assert off.mean() < 1e-3, f"{off.sum()} of {off.size} pixels differ from the Python rendering"
+
+
+def _index_map_cells(explorer: CodebookExplorer, state: dict, png: bytes) -> np.ndarray:
+    """(h', w', 3) colours of the page's index-map panel at each latent cell's centre, in display orientation."""
+    fig = Figure(figsize=(10.5, 2.0), dpi=WIDGET_DPI)  # the figure render_png draws, to find the panel
+    explorer._draw(fig, state)
+    FigureCanvasAgg(fig).draw()
+    h, w = viz.oriented(state["indices"]).shape
+    cols, rows = np.meshgrid(np.arange(w), np.arange(h))
+    x, y = fig.axes[1].transData.transform(np.column_stack([cols.ravel(), rows.ravel()])).T
+    pixels = _pixels(png)
+    assert pixels.shape[:2] == (round(fig.bbox.height), round(fig.bbox.width))
+    return pixels[(fig.bbox.height - y).astype(int), x.astype(int)].reshape(h, w, 3)
+
+
+def _highlighted(cells: np.ndarray) -> np.ndarray:
+    return (np.abs(cells - np.round(HIGHLIGHT * 255)) <= 1).all(axis=2)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_phantom):
+    """The explorer in this process, on the page's data, and the slice the page starts on."""
+    return explorer_page.load_explorer(tiny_phantom, CHECKPOINT, device="cpu")
+
+
+def test_the_explorer_page_in_chromium(tiny_phantom, reference, tmp_path, capsys):
+    explorer, start = reference
+    env = {explorer_page.DATA_ENV: str(tiny_phantom), explorer_page.CHECKPOINT_ENV: str(CHECKPOINT)}
+    with open(tmp_path / "voila.log", "w") as log, \
+            pageserver.serve(explorer_page.notebook(tmp_path), env=env, log=log) as server:
+        process = psutil.Process(server.process.pid)
+        listening = [c.laddr for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        assert listening and all(addr.ip == pageserver.HOST for addr in listening)
+        with urllib.request.urlopen(server.base, timeout=30) as answer:  # no token: sent to the login page
+            assert answer.url.startswith(f"{server.base}login")
+
+        with pageserver.chromium() as browser:
+            page = browser.new_page(viewport={"width": 1000, "height": 600})
+            explorer_page.open_page(page, server.url)
+            kernels = process.children(recursive=True)
+            assert kernels, "Voilà started no kernel"
+            assert "import" not in page.inner_text("body")  # the page shows no code
+            assert page.locator(".cm-editor, .jp-CodeMirrorEditor").count() == 0
+            first = explorer_page.image_png(page)
+            _assert_same_picture(first, explorer.render_png(explorer.view(start)))
+            assert not _highlighted(_index_map_cells(explorer, explorer.view(start), first)).any()
+
+            explorer_page.step_slider(page)  # ArrowRight on the slider's handle
+            k = start + 1
+            assert page.inner_text(".widget-slider .widget-readout") == str(k)
+            moved = explorer_page.image_png(page)
+            assert moved != first
+            _assert_same_picture(moved, explorer.render_png(explorer.view(k)))
+
+            codes = explorer.codes_by_use(k)
+            code = codes[len(codes) // 4][0]  # used, but not everywhere
+            explorer_page.choose_code(page, code)
+            state = explorer.view(k, code)
+            chosen = explorer_page.image_png(page)
+            assert chosen != moved
+            _assert_same_picture(chosen, explorer.render_png(state))
+            shown = _highlighted(_index_map_cells(explorer, state, chosen))
+            np.testing.assert_array_equal(shown, viz.oriented(explorer.indices[k] == code))
+            assert shown.sum() == state["usage"] > 0
+            version = browser.version
+    assert server.process.poll() is not None, "Voilà still runs"
+    assert not [p for p in kernels if p.is_running()], "a kernel outlived the server"
+    with capsys.disabled():
+        print(f"\nbrowser test: executed in Chromium {version} against Voilà on {server.base}: slider moved to "
+              f"slice {k}, code {code} chosen ({state['usage']} cells highlighted)")

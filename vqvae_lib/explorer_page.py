@@ -1,0 +1,190 @@
+"""The codebook explorer as a standalone web page, served by Voilà (`make explorer`).
+
+The page is `notebooks/explorer_app.py`: it displays `app()`, the explorer widget of `vqvae_lib.explorer` on
+the test split of $EXPLORER_DATA_DIR (default data/phantom) with the VQ-VAE of $EXPLORER_CHECKPOINT (default
+checkpoints/default.pt); relative paths are taken from the repository root. The functions below the app
+drive the page in a browser (the end-to-end test and the README screenshot use them), and
+
+    python -m vqvae_lib.explorer_page serve [--port N]
+    python -m vqvae_lib.explorer_page screenshot PATH
+
+serve the page until Ctrl-C, or write a screenshot of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import checkpoint, data, pageserver, runner, train
+from .explorer import CodebookExplorer
+
+if TYPE_CHECKING:
+    import ipywidgets
+    from playwright.sync_api import Page
+
+DATA_ENV, DEFAULT_DATA = "EXPLORER_DATA_DIR", "data/phantom"
+CHECKPOINT_ENV, DEFAULT_CHECKPOINT = "EXPLORER_CHECKPOINT", "checkpoints/default.pt"
+APP = runner.NOTEBOOK_DIR / "explorer_app.py"
+SPLIT = "test"
+# The widgets of CodebookExplorer.widget() in the ipywidgets 8 front end.
+SLIDER_HANDLE = ".widget-slider .noUi-handle"
+CODE_SELECT = ".widget-dropdown select"
+IMAGE = "img.widget-image"
+ERROR = ".explorer-error"
+
+
+def resolve(value: str | None, default: str) -> Path:
+    """A path from an environment variable (or its default); relative ones are taken from the repository."""
+    path = Path(value or default).expanduser()
+    return path if path.is_absolute() else runner.REPO / path
+
+
+def inputs(environ: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """The page's (data folder, checkpoint) from the environment."""
+    environ = os.environ if environ is None else environ
+    return (resolve(environ.get(DATA_ENV), DEFAULT_DATA),
+            resolve(environ.get(CHECKPOINT_ENV), DEFAULT_CHECKPOINT))
+
+
+def load_explorer(data_dir: Path, checkpoint_path: Path, device: str = "auto") -> tuple[CodebookExplorer, int]:
+    """The explorer over the test split and the slice the page starts on (the middle of the first scan)."""
+    dev = train.select_device(device)
+    model, _ = checkpoint.load_model(checkpoint_path, map_location=dev)
+    split = data.load_split(data_dir, SPLIT, progress=False)
+    explorer = CodebookExplorer(model, np.asarray(split.images), [f.name for f in split.files], device=dev)
+    first = [i for i, f in enumerate(split.files) if (f.case, f.week) == (split.files[0].case, split.files[0].week)]
+    return explorer, first[len(first) // 2]
+
+
+def app() -> ipywidgets.Widget:
+    """The page's content: the explorer widget, or the reason it cannot be built (an HTML widget)."""
+    import ipywidgets as w
+
+    data_dir, checkpoint_path = inputs()
+    try:
+        explorer, start = load_explorer(data_dir, checkpoint_path)
+    except (OSError, ValueError, RuntimeError) as e:
+        hint = (f"Data folder: {data_dir} (set {DATA_ENV}; `make data/phantom/PHANTOM.json` writes the default "
+                f"phantom). Checkpoint: {checkpoint_path} (set {CHECKPOINT_ENV}).")
+        return w.HTML(f'<div class="explorer-error" style="color: #b00020"><b>The explorer cannot start:</b> '
+                      f"{html.escape(str(e))}<br>{html.escape(hint)}</div>")
+    box = explorer.widget()
+    explorer.slider.value = start
+    return box
+
+
+def notebook(build: Path = runner.REPO / "build") -> Path:
+    """The page as an .ipynb for Voilà, in build/ipynb (the jupytext source is never modified)."""
+    return runner.to_ipynb(APP, build / "ipynb")
+
+
+def open_page(page: Page, url: str, timeout_ms: float = 120_000) -> None:
+    """Load the page and wait until the explorer's picture (or its error text) is shown."""
+    page.goto(url)
+    page.wait_for_selector(f"{IMAGE}[src], {ERROR}", timeout=timeout_ms)
+    if page.locator(ERROR).count():
+        raise RuntimeError(f"the explorer page shows an error: {page.locator(ERROR).inner_text()}")
+
+
+def image_png(page: Page) -> bytes:
+    """The PNG bytes the page's picture shows (the Image widget's blob: URL, fetched inside the page)."""
+    data_ = page.eval_on_selector(
+        IMAGE, "async img => Array.from(new Uint8Array(await (await fetch(img.src)).arrayBuffer()))")
+    return bytes(data_)
+
+
+def _await_new_picture(page: Page, before: str, timeout_ms: float) -> None:
+    page.wait_for_function("([sel, old]) => document.querySelector(sel).src !== old", arg=[IMAGE, before],
+                           timeout=timeout_ms)
+
+
+def step_slider(page: Page, key: str = "ArrowRight", timeout_ms: float = 60_000) -> None:
+    """Move the slice slider with the keyboard on its handle (ArrowRight: next slice) and wait for the new
+    picture."""
+    before = page.get_attribute(IMAGE, "src")
+    page.focus(SLIDER_HANDLE)
+    page.keyboard.press(key)
+    _await_new_picture(page, before, timeout_ms)
+
+
+def code_labels(page: Page) -> list[str]:
+    """The code dropdown's entries as shown ("no code", "code 337 (301 cells)", ...)."""
+    return [t.replace("\xa0", " ") for t in page.eval_on_selector(CODE_SELECT, "s => [...s.options].map(o => o.text)")]
+
+
+def choose_code(page: Page, code: int, timeout_ms: float = 60_000) -> None:
+    """Choose `code` in the code dropdown and wait for the new picture."""
+    before = page.get_attribute(IMAGE, "src")
+    labels = code_labels(page)
+    index = next((i for i, label in enumerate(labels) if label.startswith(f"code {code} (")), None)
+    if index is None:
+        raise ValueError(f"code {code} is not in the dropdown of the current slice: {labels}")
+    page.select_option(CODE_SELECT, index=index)
+    _await_new_picture(page, before, timeout_ms)
+
+
+def body_code(explorer: CodebookExplorer, index: int, threshold: float = 0.3) -> int:
+    """The code a slice uses most inside the body (cells whose pixel block has mean intensity > threshold)."""
+    d = explorer.downsample
+    h, w = explorer.indices.shape[1:]
+    image = explorer.images[index][:h * d, :w * d]
+    bright = image.reshape(h, d, w, d).mean(axis=(1, 3)) > threshold
+    codes, cells = np.unique(explorer.indices[index][bright], return_counts=True)
+    return int(codes[cells.argmax()]) if len(codes) else int(explorer.codes_by_use(index)[0][0])
+
+
+def screenshot(path: Path, data_dir: Path, checkpoint_path: Path) -> Path:
+    """A screenshot of the page (metadata-free PNG) moved one slice on from the start, with the code that
+    slice uses most inside the body chosen."""
+    from PIL import Image
+
+    explorer, start = load_explorer(data_dir, checkpoint_path)
+    env = {DATA_ENV: str(data_dir), CHECKPOINT_ENV: str(checkpoint_path)}
+    nb = notebook()
+    with open(nb.with_suffix(".log"), "w") as log, pageserver.serve(nb, env=env, log=log) as server, \
+            pageserver.chromium() as browser:
+        page = browser.new_page(viewport={"width": 1000, "height": 430})  # grows to the page's full height
+        open_page(page, server.url)
+        step_slider(page)
+        choose_code(page, body_code(explorer, start + 1))
+        png = page.screenshot(full_page=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.open(io.BytesIO(png)).save(path, optimize=True)  # PIL writes no text chunks
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vqvae_lib.explorer_page", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the page on 127.0.0.1 until Ctrl-C")
+    serve.add_argument("--port", type=int, help="default: a free port")
+    shot = sub.add_parser("screenshot", help="write a PNG screenshot of the page")
+    shot.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    data_dir, checkpoint_path = inputs()
+    if args.command == "screenshot":
+        print(f"wrote {screenshot(args.path, data_dir, checkpoint_path)}")
+        return 0
+    env = {DATA_ENV: str(data_dir), CHECKPOINT_ENV: str(checkpoint_path)}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on `kill` too, not only on Ctrl-C
+    with pageserver.serve(notebook(), port=args.port, env=env) as server:
+        print(f"\nThe codebook explorer ({data_dir}, {checkpoint_path}) is at\n\n    {server.url}\n\n"
+              "open it in a browser; Ctrl-C stops the server.\n", flush=True)
+        try:
+            server.process.wait()
+        except KeyboardInterrupt:
+            return 0
+    return server.process.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

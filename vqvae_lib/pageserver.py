@@ -1,0 +1,148 @@
+"""Serve a notebook as a Voilà page on the loopback interface, and open pages in headless Chromium.
+
+`serve` starts Voilà bound to 127.0.0.1 on a free port with a random token, waits until it listens and, on
+leaving the `with` block (normally or by an exception), stops it and the kernels it started. `chromium`
+launches Debian's Chromium (/usr/bin/chromium) through Playwright; no browser is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import psutil
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
+HOST = "127.0.0.1"
+CHROMIUM = Path("/usr/bin/chromium")
+INSTALL_CHROMIUM = "apt-get install -y --no-install-recommends chromium (Debian's package; `make test` runs this)"
+# Headless, and quiet on a closed network: without the background-networking flags Chromium keeps opening
+# connections to Google's services, which this machine refuses.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running Voilà server: `url` opens the page (token included), `base` is http://127.0.0.1:PORT/."""
+
+    base: str
+    token: str
+    process: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}?token={self.token}"
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port that is free on `host` now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def voila_command(notebook: Path, port: int, token: str) -> list[str]:
+    """The Voilà command line: loopback only, this port and no other, a token, no browser, no code shown."""
+    return [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--Voila.ip={HOST}",
+            f"--port={port}", "--Voila.port_retries=0", f"--token={token}", "--strip_sources=True",
+            "--show_tracebacks=False"]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
+def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop a server started in its own session: SIGTERM to its process group, SIGKILL after `grace`
+    seconds; then the same for any child left over (Jupyter starts each kernel in a process group of its
+    own)."""
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if process.poll() is not None:
+            break
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait()
+    alive = [c for c in children if c.is_running()]
+    for child in alive:
+        child.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=grace)
+    for child in alive:
+        child.kill()
+
+
+@contextmanager
+def serve(notebook: str | Path, *, port: int | None = None, env: dict[str, str] | None = None,
+          log: IO | None = None, timeout: float = 120.0) -> Iterator[Server]:
+    """Serve `notebook` (.ipynb) with Voilà on 127.0.0.1 until the block ends; yields the Server.
+
+    port: default a free one. env: extra environment variables for the server and its kernels. log: a file
+    for Voilà's output (default: this process's). Raises RuntimeError, with the log's tail when it is a
+    file, if the server exits or does not listen within `timeout` seconds.
+    """
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise FileNotFoundError(f"notebook {notebook} not found")
+    port = free_port() if port is None else port
+    token = secrets.token_hex(24)
+    process = subprocess.Popen(voila_command(notebook, port, token), env={**os.environ, **(env or {})},
+                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT if log else None,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _listening(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                why = (f"exited with code {process.returncode}" if process.poll() is not None
+                       else f"did not listen on {HOST}:{port} within {timeout:.0f} s")
+                raise RuntimeError(f"Voilà serving {notebook} {why}{_tail(log)}")
+            time.sleep(0.2)
+        yield Server(base=f"http://{HOST}:{port}/", token=token, process=process)
+    finally:
+        stop(process)
+
+
+def _tail(log: IO | None, n: int = 3000) -> str:
+    name = getattr(log, "name", None)
+    if not isinstance(name, str) or not Path(name).is_file():
+        return ""
+    log.flush()
+    return ":\n" + Path(name).read_text(errors="replace")[-n:]
+
+
+@contextmanager
+def chromium(executable: Path = CHROMIUM) -> Iterator[Browser]:
+    """Debian's headless Chromium driven by Playwright; closed on exit. FileNotFoundError if it is missing."""
+    if not executable.is_file():
+        raise FileNotFoundError(f"{executable} not found; install it with: {INSTALL_CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
