@@ -356,6 +356,24 @@ def test_bad_file_raise_and_skip(tree, caplog):
         f.name for f in data.files]
 
 
+def test_worker_processes_decode_the_same_bytes_and_report_bad_files(tree, monkeypatch):
+    monkeypatch.setattr(D, "PARALLEL_MIN_FILES", 0)  # the tree is small: force the process pool
+    serial = load(tree, cache=False, masks=True, workers=1)
+    parallel = load(tree, cache=False, masks=True, workers=2)
+    assert serial.images.tobytes() == parallel.images.tobytes()
+    assert serial.masks.tobytes() == parallel.masks.tobytes()
+    assert serial.scales.tobytes() == parallel.scales.tobytes() and serial.reshaped == parallel.reshaped
+    bad = image_path(tree, "train", 2, 0, 1)
+    truncate(bad)
+    with pytest.raises(DataError, match=f"cannot read NIfTI file {bad}"):
+        load(tree, cache=False, workers=2)
+    skipped = load(tree, cache=False, workers=2, on_error="skip")
+    assert [name for name, _ in skipped.skipped] == ["case_002_week_0_slice_1"] and len(skipped) == 11
+    mask_path(tree, "train", 1, 0, 0).unlink()
+    with pytest.raises(DataError, match="case_001_week_0_slice_0.nii.gz has no mask: expected .*seg_001_week_0"):
+        load(tree, cache=False, masks=True, workers=2)
+
+
 def test_nan_and_3d_files_in_split(tree):
     a = np.ones(SHAPE, np.float32)
     a[0, 0] = np.nan

@@ -93,6 +93,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+    if not Path(args.data_dir).exists():
+        raise FileNotFoundError(f"{args.data_dir} does not exist; write the full-size phantom there with "
+                                f"`python -m vqvae_lib phantom --out {args.data_dir} --size full` (about 4 min)")
+    checkpoint = args.checkpoint if args.checkpoint != "none" else None
+    result = bench.run(args.data_dir, device=args.device, warmup=args.warmup, steps=args.steps,
+                       checkpoint=checkpoint, compile=args.compile, workers=args.workers,
+                       full_epoch=args.full_epoch, report=lambda line: print(line, flush=True))
+    if args.json:
+        save_json(args.json, result)
+        print(f"results written to {args.json}")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     result = train.evaluate(args.checkpoint, args.data_dir, args.split, batch_size=args.batch_size,
                             device=args.device)
@@ -268,6 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position", type=int, help="slice-position bin of every sample (default: drawn at random)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("bench", help="benchmark the data path, training and evaluation against the common recipe")
+    p.add_argument("--data-dir", default="data/phantom-full",
+                   help="a HipMRI-layout folder (default: the full-size phantom, `phantom --size full`)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--steps", type=_positive(int), default=20, help="timed training steps of 32 slices each")
+    p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
+    p.add_argument("--checkpoint", default="checkpoints/default.pt",
+                   help="VQ-VAE for the evaluation benchmark ('none': a fresh default model)")
+    p.add_argument("--workers", type=_positive(int), help="decoding processes (default: one per core, at most 8)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our pipeline's model")
+    p.add_argument("--full-epoch", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time one whole epoch of the default preset (default: on CUDA only)")
+    p.add_argument("--json", help="also write every figure to this JSON file")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("evaluate", help="score a checkpoint on every slice of a split")
     p.add_argument("--checkpoint", required=True)

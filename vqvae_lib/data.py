@@ -21,13 +21,15 @@ Decisions a reader should know about:
   ``.npy`` file per kind (images, masks) plus a JSON sidecar, and later opened as a read-only memory map in well
   under a second. The file name carries a hash of every file's path, size and modification time and of all
   options, so changed data or options give a new cache. Old cache files are left in place (delete the cache
-  folder to reclaim the space); note that loading with and without masks caches the images twice.
+  folder to reclaim the space); note that loading with and without masks caches the images twice. The first
+  decode runs in worker processes (one per core by default).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import multiprocessing
 import json
 import logging
 import os
@@ -35,9 +37,11 @@ import re
 import stat
 import zlib
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -64,6 +68,9 @@ PERCENTILE_SAMPLE_STEP = 16  # inspect() estimates percentiles from every 16th v
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
 _PAST = {"crop": "cropped", "pad": "padded", "resize": "resized"}
 _SHOW = 5  # names shown in warnings and problem lists
+PARALLEL_MIN_FILES = 256  # smaller splits decode in this process: starting workers would cost more
+# Decoding workers start from a clean server process, not a fork of a process that may run threads (torch, Jupyter).
+START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 class DataError(ValueError):
@@ -373,23 +380,29 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, not {value!r}")
 
 
-def _expected_mask(seg_dir: Path, f: SliceFile) -> Path:
-    return seg_dir / f"seg_{f.case:03d}_week_{f.week}_slice_{f.index}.nii.gz"
+def _mask_path(f: SliceFile, seg: dict[tuple[int, int, int], SliceFile] | None, seg_dir: Path | None) -> Path | None:
+    """The mask file of image f: its entry in seg, else the path it should have (decoding then reports it
+    missing); None when masks are not loaded (seg is None)."""
+    if seg is None:
+        return None
+    found = seg.get((f.case, f.week, f.index))
+    return found.path if found is not None else seg_dir / f"seg_{f.case:03d}_week_{f.week}_slice_{f.index}.nii.gz"
 
 
-def _decode_one(f: SliceFile, seg: dict[tuple[int, int, int], SliceFile] | None, seg_dir: Path | None,
-                shape: tuple[int, int], policy: str,
+def _decode_one(f: SliceFile, mask_path: Path | None, shape: tuple[int, int], policy: str,
                 normalization: str) -> tuple[np.ndarray, np.ndarray | None, float, tuple[int, int]]:
-    """Return (image (H, W) float32, mask (H, W) uint8 or None, scale, shape of the file's slice)."""
+    """Decode image f and, when given, its mask at mask_path (DataError if that file does not exist).
+
+    Returns (image (H, W) float32, mask (H, W) uint8 or None, scale, shape of the file's slice).
+    """
     image = read_nifti(f.path, "image")
     mask = None
-    if seg is not None:
-        seg_file = seg.get((f.case, f.week, f.index))
-        if seg_file is None:
-            raise DataError(f"image {f.path} has no mask: expected {_expected_mask(seg_dir, f)}")
-        mask = read_nifti(seg_file.path, "mask")
+    if mask_path is not None:
+        if not mask_path.exists():
+            raise DataError(f"image {f.path} has no mask: expected {mask_path}")
+        mask = read_nifti(mask_path, "mask")
         if mask.shape != image.shape:
-            raise DataError(f"mask {seg_file.path} is {_shape_str(mask.shape)} but its image {f.path} is "
+            raise DataError(f"mask {mask_path} is {_shape_str(mask.shape)} but its image {f.path} is "
                             f"{_shape_str(image.shape)}")
     original = image.shape
     if original != shape:
@@ -401,6 +414,35 @@ def _decode_one(f: SliceFile, seg: dict[tuple[int, int, int], SliceFile] | None,
             raise DataError(f"{f.path}: {e}") from e
     image, scale = normalize(image, normalization)
     return image, mask, scale, original
+
+
+def _decode_or_error(job: tuple[SliceFile, Path | None], shape: tuple[int, int], policy: str, normalization: str
+                     ) -> tuple[np.ndarray, np.ndarray | None, float, tuple[int, int]] | str:
+    """`_decode_one` of job = (image file, mask path or None), a DataError returned as its message (so a worker
+    process can hand it back)."""
+    try:
+        return _decode_one(*job, shape, policy, normalization)
+    except DataError as e:
+        return str(e)
+
+
+def decode_workers() -> int:
+    """The default number of decoding processes: one per core, at most 8."""
+    return min(os.cpu_count() or 1, 8)
+
+
+def _decode_all(jobs: list[tuple[SliceFile, Path | None]], workers: int, shape: tuple[int, int], policy: str,
+                normalization: str) -> Iterator[tuple[np.ndarray, np.ndarray | None, float, tuple[int, int]] | str]:
+    """`_decode_or_error` of every job, in order; in `workers` processes when there are enough of them."""
+    decode = partial(_decode_or_error, shape=shape, policy=policy, normalization=normalization)
+    if workers <= 1 or len(jobs) < PARALLEL_MIN_FILES:
+        yield from map(decode, jobs)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(START_METHOD))
+    try:
+        yield from pool.map(decode, jobs, chunksize=32)
+    finally:  # also when the caller stops early (a bad file): drop the files not yet decoded
+        pool.shutdown(cancel_futures=True)
 
 
 def _log_summary(data: SplitData) -> None:
@@ -487,13 +529,14 @@ def _shrink(array: np.ndarray, n: int, allocate: Callable[..., np.ndarray]) -> n
 def load_split(root: str | Path, split: str = "train", *, shape: tuple[int, int] = WORK_SHAPE,
                shape_policy: str = "crop", normalization: str = "percentile", masks: bool = False,
                on_error: str = "raise", cache: bool = True, cache_dir: str | Path | None = None,
-               progress: bool = True) -> SplitData:
+               progress: bool = True, workers: int | None = None) -> SplitData:
     """Decode one split into images (N, H, W) float32 [0, 1] (and masks (N, H, W) uint8), using a disk cache.
 
     shape: working (H, W); slices of another shape go through `shape_policy` (see `fit_shape`) and are reported.
     normalization: see `normalize`. on_error: "raise" on the first bad file, or "skip" it (listed in `skipped`).
     masks: also load the seg masks; every image then needs one. cache_dir: default ROOT/.cache when writable,
-    else ~/.cache/hipmri-vqvae. Also checks that no patient is in two splits.
+    else ~/.cache/hipmri-vqvae. workers: processes that decode the files when there is no cache (default: one
+    per core, at most 8; 1: in this process). Also checks that no patient is in two splits.
     """
     _check_choice("split", split, SPLITS)
     _check_choice("shape_policy", shape_policy, SHAPE_POLICIES)
@@ -541,21 +584,24 @@ def load_split(root: str | Path, split: str = "train", *, shape: tuple[int, int]
         images = allocate((len(files), *shape), np.float32)
         mask_array = allocate((len(files), *shape), np.uint8) if masks else None
         kept, scales, reshaped, skipped = [], [], [], []
-        for f in tqdm(files, desc=f"decoding {split}", unit="slice", disable=not progress):
-            try:
-                image, mask, scale, original = _decode_one(f, seg, seg_dir, shape, shape_policy, normalization)
-            except DataError as e:
-                if on_error == "raise":
-                    raise
-                skipped.append((f.name, str(e)))
-                continue
-            images[len(kept)] = image
-            if mask_array is not None:
-                mask_array[len(kept)] = mask
-            if original != shape:
-                reshaped.append((f.name, original, f"{shape_policy} {_shape_str(original)} -> {_shape_str(shape)}"))
-            scales.append(scale)
-            kept.append(f)
+        workers = decode_workers() if workers is None else workers
+        jobs = [(f, _mask_path(f, seg, seg_dir)) for f in files]
+        with contextlib.closing(_decode_all(jobs, workers, shape, shape_policy, normalization)) as decoded:
+            for f, result in zip(tqdm(files, desc=f"decoding {split}", unit="slice", disable=not progress), decoded):
+                if isinstance(result, str):
+                    if on_error == "raise":
+                        raise DataError(result)
+                    skipped.append((f.name, result))
+                    continue
+                image, mask, scale, original = result
+                images[len(kept)] = image
+                if mask_array is not None:
+                    mask_array[len(kept)] = mask
+                if original != shape:
+                    reshaped.append((f.name, original,
+                                     f"{shape_policy} {_shape_str(original)} -> {_shape_str(shape)}"))
+                scales.append(scale)
+                kept.append(f)
         if not kept:
             raise DataError(f"all {len(files)} files in {image_dir} are bad; the first: {skipped[0][1]}")
         images = _shrink(images, len(kept), allocate)

@@ -246,7 +246,7 @@ def global_batches(n: int, batch_size: int, world: int = 1) -> list[tuple[int, i
     return [(a, b) for a, b in batches if b - a >= world]
 
 
-def _train_epoch(net: torch.nn.Module, images: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+def train_epoch(net: torch.nn.Module, images: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
                  config: TrainConfig, device: torch.device, epoch: int, progress: bool) -> dict[str, float]:
     """One pass over images (N, 1, H, W) in a seeded random order; returns the mean losses (and SSIM) per image.
 
@@ -329,7 +329,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
 
             def one_epoch(epoch: int) -> dict[str, Any]:
                 started, restarts_before = time.perf_counter(), quantizer.restarts_total
-                record = _train_epoch(net, images, optimizer, scheduler, config, device, epoch, progress and main)
+                record = train_epoch(net, images, optimizer, scheduler, config, device, epoch, progress and main)
                 record.update(restarts=quantizer.restarts_total - restarts_before,
                               images_per_s=per_epoch / (time.perf_counter() - started))
                 if distributed.active():

@@ -1,0 +1,214 @@
+"""Benchmarks: our data path and training pipeline against the common recipe of published HipMRI VQ-VAEs.
+
+Everything is measured in one run on the same data and machine, so the ratios are fair (absolute speeds on a
+shared machine move from run to run; ratios measured side by side much less):
+
+- data: the first decode of every NIfTI file into a fresh cache (files/s), reloading the cached splits into
+  memory, and the peak memory of both;
+- training: images/s of the common recipe (a Dataset that opens, decodes and resizes each file when it is
+  asked for, a DataLoader with one worker, fp32, batch 32, the `seed` preset's model), of our pipeline with
+  that same model (the split resident in device memory, bf16 autocast, channels-last: `train.train_epoch`),
+  and of our pipeline with the default preset;
+- evaluation: slices/s to reconstruct a split and score every slice (SSIM and PSNR).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.transform import resize
+from torch.utils.data import DataLoader, Dataset
+
+from . import data
+from .checkpoint import load_model
+from .metrics import ssim_psnr
+from .model import VQVAE
+from .train import TrainConfig, train_epoch, make_config, prepare_model, reconstruct, resident_images, select_device
+
+BATCH = 32
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on: CPU model and cores, torch and its threads, the GPU if any."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    info = {"cpu": names[0] if names else platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "gpu": None}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux reports kilobytes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_data(data_dir: str | Path, workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """First decode of all three splits into a fresh cache, then their cached reload into memory."""
+    before = _peak_rss_mb()
+    with tempfile.TemporaryDirectory(prefix="hipmri-bench-cache-") as cache:
+        started = time.perf_counter()
+        splits = [data.load_split(data_dir, s, cache_dir=cache, workers=workers, progress=progress)
+                  for s in data.SPLITS]
+        decode_s = time.perf_counter() - started
+        files = sum(len(s) for s in splits)
+        del splits
+        started = time.perf_counter()
+        arrays = [np.array(data.load_split(data_dir, s, cache_dir=cache, progress=False).images)
+                  for s in data.SPLITS]
+        reload_s = time.perf_counter() - started
+        loaded_mb = sum(a.nbytes for a in arrays) / 2**20
+        del arrays
+    return {"files": files, "decode_s": decode_s, "decode_files_per_s": files / decode_s,
+            "decode_workers": data.decode_workers() if workers is None else workers, "reload_s": reload_s,
+            "reload_mb": loaded_mb, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": before,
+            "worker_peak_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN)}
+
+
+class PerFileSlices(Dataset):
+    """The common recipe's dataset: each item opens its NIfTI file, resizes it to 256 x 128 and scales it to
+    [0, 1] by its minimum and maximum."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = np.squeeze(nib.load(self.files[i]).get_fdata())
+        image = resize(image, data.WORK_SHAPE, preserve_range=True)
+        image = (image - image.min()) / max(image.max() - image.min(), 1e-8)
+        return torch.from_numpy(image.astype(np.float32))[None]
+
+
+def _timed(run: Callable[[Any], int], warmup: int, steps: int | None, device: torch.device) -> float:
+    """Images per second of run(steps) after run(warmup); run(n) trains n steps and returns the images seen."""
+    run(warmup)
+    _sync(device)
+    started = time.perf_counter()
+    images = run(steps)
+    _sync(device)
+    return images / (time.perf_counter() - started)
+
+
+def bench_common_recipe(files: list[Path], device: torch.device, warmup: int, steps: int) -> float:
+    """Images/s of the common recipe: per-item file loading in a DataLoader (one worker), fp32, batch 32."""
+    torch.manual_seed(0)
+    config = make_config("seed")
+    model = VQVAE(config.model_config()).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    loader = DataLoader(PerFileSlices(files), batch_size=BATCH, shuffle=True, num_workers=1, drop_last=True,
+                        generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
+    batches = iter(loader)
+
+    def run(n: int) -> int:
+        for _ in range(n):
+            x = next(batches).to(device, non_blocking=True)
+            out = model(x)
+            loss = F.mse_loss(out.recon, x) + out.vq.loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return n * BATCH
+
+    if (warmup + steps) * BATCH > len(files):
+        raise ValueError(f"{warmup + steps} steps of {BATCH} need {(warmup + steps) * BATCH} slices; "
+                         f"the data has {len(files)}")
+    return _timed(run, warmup, steps, device)
+
+
+def bench_pipeline(config: TrainConfig, images: torch.Tensor, device: torch.device, warmup: int,
+                   steps: int | None, compile: bool = False, progress: bool = False) -> float:
+    """Images/s of our training loop (`train.train_epoch`) with `config` on the resident images (N, 1, H, W):
+    `steps` batches, or with steps=None one whole epoch over all of them."""
+    torch.manual_seed(0)
+    model, optimizer, scheduler = prepare_model(VQVAE(config.model_config()), config, device, 10**6)
+    net = torch.compile(model) if compile else model
+
+    def run(n: int | None) -> int:
+        subset = images if n is None else images[:n * BATCH]
+        train_epoch(net, subset, optimizer, scheduler, config, device, epoch=1, progress=progress and n is None)
+        return len(subset)
+
+    return _timed(run, warmup, steps, device)
+
+
+def bench_eval(model: VQVAE, images: np.ndarray, device: torch.device, amp: bool) -> float:
+    """Slices/s to reconstruct images (N, H, W) and score each (SSIM and PSNR)."""
+    started = time.perf_counter()
+    recon, _ = reconstruct(model, images, 64, device, amp=amp)
+    ssim_psnr(recon, images)
+    return len(images) / (time.perf_counter() - started)
+
+
+def run(data_dir: str | Path, *, device: str = "auto", warmup: int = 2, steps: int = 20,
+        checkpoint: str | Path | None = None, compile: bool = False, workers: int | None = None,
+        full_epoch: bool | None = None, progress: bool = True,
+        report: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Every benchmark, in order; report(line) is called with a readable line as each result arrives.
+
+    checkpoint: the VQ-VAE for the evaluation benchmark (default: a fresh model of the default preset).
+    full_epoch: also time one whole epoch of the default preset over the training split (default: on CUDA only;
+    on a CPU it takes minutes). Returns {"machine", "device", "data", "train", "eval"}.
+    """
+    dev = select_device(device)
+    result: dict[str, Any] = {"machine": machine(), "device": str(dev)}
+    m = result["machine"]
+    report(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
+           + (f", GPU {m['gpu']}" if m["gpu"] else "") + f"; benchmarking on {dev}")
+
+    d = result["data"] = bench_data(data_dir, workers, progress)
+    report(f"data: first decode of {d['files']:,} files {d['decode_s']:.1f} s ({d['decode_files_per_s']:.0f} "
+           f"files/s, {d['decode_workers']} workers); cached reload into memory {d['reload_s']:.2f} s "
+           f"({d['reload_mb']:,.0f} MB); peak memory {d['peak_rss_mb']:,.0f} MB (before loading "
+           f"{d['rss_before_mb']:,.0f} MB)" + (f", decoding workers {d['worker_peak_rss_mb']:,.0f} MB each at most"
+                                                 if d["worker_peak_rss_mb"] else ""))
+
+    split = data.load_split(data_dir, "train", progress=progress)
+    images = resident_images(split.images, dev)
+    common = bench_common_recipe([f.path for f in split.files], dev, warmup, steps)
+    ours_same = bench_pipeline(make_config("seed", amp=True, channels_last=True), images, dev, warmup, steps,
+                               compile)
+    default = bench_pipeline(make_config("default"), images, dev, warmup, steps, compile)
+    t = result["train"] = {"steps": steps, "batch_size": BATCH, "common_recipe_images_per_s": common,
+                           "ours_seed_model_images_per_s": ours_same, "ours_default_images_per_s": default,
+                           "ratio_same_model": ours_same / common, "ratio_default": default / common,
+                           "compile": compile}
+    report(f"train ({steps} steps of {BATCH} after {warmup} warm-up): common recipe {common:.1f} img/s; ours, same "
+           f"model {ours_same:.1f} img/s = {t['ratio_same_model']:.2f}x; ours, default preset {default:.1f} "
+           f"img/s = {t['ratio_default']:.2f}x the common recipe")
+
+    if full_epoch if full_epoch is not None else dev.type == "cuda":
+        rate = bench_pipeline(make_config("default"), images, dev, warmup, None, compile, progress)
+        t["default_epoch_s"] = len(images) / rate
+        report(f"one epoch of the default preset over {len(images):,} slices: {t['default_epoch_s']:.1f} s")
+    del images
+
+    test = data.load_split(data_dir, "test", progress=progress).images
+    if checkpoint is not None:
+        model, payload = load_model(checkpoint, map_location=dev)
+        amp = bool(payload["train_config"].get("amp", False))
+    else:
+        torch.manual_seed(0)
+        model, amp = VQVAE(make_config("default").model_config()).to(dev), True
+    rate = bench_eval(model, test, dev, amp)
+    result["eval"] = {"slices": len(test), "slices_per_s": rate, "checkpoint": str(checkpoint) if checkpoint else None}
+    report(f"eval: reconstruct + SSIM/PSNR of {len(test)} test slices {rate:.0f} slices/s")
+    return result
