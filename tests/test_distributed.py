@@ -11,15 +11,21 @@ import torch
 
 from vqvae_lib import distributed
 from vqvae_lib.checkpoint import load_checkpoint
+from vqvae_lib.cli import main
 from vqvae_lib.train import global_batches
 
-TRAIN = ["-m", "vqvae_lib", "train", "--device", "cpu", "--limit", "64", "--epochs", "2", "--batch-size", "16",
-         "--downsample", "8", "--seed", "3"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(command: list[str], cwd: Path) -> None:
+def train_args(data: Path, out: Path, epochs: int = 2) -> list[str]:
+    return ["-m", "vqvae_lib", "train", "--device", "cpu", "--limit", "64", "--epochs", str(epochs), "--batch-size",
+            "16", "--downsample", "8", "--seed", "3", "--data-dir", str(data), "--out", str(out)]
+
+
+def _run(command: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes share the two cores
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -27,14 +33,12 @@ def _run(command: list[str], cwd: Path) -> None:
 def runs(tiny_phantom, tmp_path_factory):
     """The same run twice: one process, and torchrun with 2 processes splitting each global batch of 16."""
     root = tmp_path_factory.mktemp("ddp")
-    repo = Path(__file__).resolve().parents[1]
-    data = ["--data-dir", str(tiny_phantom)]
-    _run([sys.executable, *TRAIN, *data, "--out", str(root / "single")], repo)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    _run([*torchrun, *TRAIN, *data, "--out", str(root / "ddp")], repo)
+    _run([sys.executable, *train_args(tiny_phantom, root / "single")])
+    _run([*TORCHRUN, *train_args(tiny_phantom, root / "ddp")])
     print("torchrun test: executed with 2 processes (gloo backend)")
-    return {name: (json.loads((root / name / "metrics.json").read_text()),
-                   load_checkpoint(root / name / "last.pt", kind="vqvae")) for name in ("single", "ddp")}
+    return {"dir": root, **{name: (json.loads((root / name / "metrics.json").read_text()),
+                                   load_checkpoint(root / name / "last.pt", kind="vqvae"))
+                            for name in ("single", "ddp")}}
 
 
 def test_every_process_keeps_the_same_weights_and_codebook(runs):
@@ -55,6 +59,20 @@ def test_data_parallel_run_matches_one_process(runs):
         if weight.is_floating_point() and weight.numel():
             diff = (weight - two["model_state"][name]).abs().max() / weight.abs().max().clamp(min=1e-8)
             assert diff < 0.05, f"{name} differs by {diff:.3f} of its largest entry"
+
+
+def test_a_data_parallel_run_resumes(runs, tiny_phantom):
+    ddp_dir = runs["dir"] / "ddp"
+    _run([*TORCHRUN, *train_args(tiny_phantom, ddp_dir, epochs=3), "--resume"])
+    history = json.loads((ddp_dir / "metrics.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3] and history[:2] == runs["ddp"][0]
+    assert history[2]["replica_divergence"] == 0.0
+
+
+def test_other_commands_refuse_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["vae", "--data-dir", "x", "--out", "y"]) == 2
+    assert "only `train` runs data-parallel; run `vae` without torchrun" in capsys.readouterr().err
 
 
 def test_global_batches_leave_out_a_last_batch_too_small_to_split():

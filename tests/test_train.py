@@ -317,3 +317,13 @@ def test_cli_train_and_evaluate(tiny_phantom, tmp_path, capsys):
 
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data-dir", str(tiny_phantom)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_compiled_training_matches_eager(tiny_phantom, tmp_path):
+    """--compile compiles the encoder and decoder in place: same checkpoint keys, the same losses up to rounding."""
+    eager = T.train(tiny_phantom, tmp_path / "eager", tiny(epochs=1), progress=False)
+    compiled = T.train(tiny_phantom, tmp_path / "compiled", tiny(epochs=1), compile=True, progress=False)
+    assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-2)
+    assert compiled[0]["val_ssim"] == pytest.approx(eager[0]["val_ssim"], abs=1e-2)
+    states = [load_checkpoint(tmp_path / name / "best.pt", kind="vqvae")["model_state"] for name in ("eager", "compiled")]
+    assert states[0].keys() == states[1].keys()

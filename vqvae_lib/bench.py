@@ -33,7 +33,8 @@ from . import data
 from .checkpoint import load_model
 from .metrics import ssim_psnr
 from .model import VQVAE
-from .train import TrainConfig, train_epoch, make_config, prepare_model, reconstruct, resident_images, select_device
+from .train import (TrainConfig, compile_model, make_config, prepare_model, reconstruct, resident_images,
+                    select_device, train_epoch)
 
 BATCH = 32
 
@@ -140,11 +141,12 @@ def bench_pipeline(config: TrainConfig, images: torch.Tensor, device: torch.devi
     `steps` batches, or with steps=None one whole epoch over all of them."""
     torch.manual_seed(0)
     model, optimizer, scheduler = prepare_model(VQVAE(config.model_config()), config, device, 10**6)
-    net = torch.compile(model) if compile else model
+    if compile:
+        compile_model(model)
 
     def run(n: int | None) -> int:
         subset = images if n is None else images[:n * BATCH]
-        train_epoch(net, subset, optimizer, scheduler, config, device, epoch=1, progress=progress and n is None)
+        train_epoch(model, subset, optimizer, scheduler, config, device, epoch=1, progress=progress and n is None)
         return len(subset)
 
     return _timed(run, warmup, steps, device)

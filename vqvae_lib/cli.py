@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 03")
     p.set_defaults(func=_notebooks)
 
-    p = sub.add_parser("train", help="train a VQ-VAE; writes best.pt, last.pt and metrics.json to --out")
+    p = sub.add_parser("train", help="train a VQ-VAE; writes best.pt, last.pt and metrics.json to --out "
+                                     "(data-parallel under torchrun --nproc_per_node=N)")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--out", required=True, help="run folder (refused if it holds a run, unless --resume/--overwrite)")
     p.add_argument("--preset", choices=sorted(train.PRESETS), default=None,
@@ -315,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if distributed.is_main() else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if distributed.launched() and args.command != "train":
+            raise RuntimeError(f"only `train` runs data-parallel; run `{args.command}` without torchrun")
         return args.func(args)
     except (data.DataError, CheckpointError, FileExistsError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

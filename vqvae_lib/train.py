@@ -187,6 +187,13 @@ def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
     return config.final_lr + (1 - config.final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def compile_model(model: VQVAE) -> None:
+    """torch.compile the encoder and decoder in place (state_dict keys stay the same); the quantizer, with its
+    data-dependent steps (initialisation, restarts), stays eager."""
+    model.encoder.compile()
+    model.decoder.compile()
+
+
 def _quantizer(model: VQVAE) -> VectorQuantizer:
     return next(m for m in model.modules() if isinstance(m, VectorQuantizer))
 
@@ -293,9 +300,8 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
 
     Writes out_dir/last.pt, best.pt (best validation SSIM) and metrics.json after every epoch (`runs.fit`).
     resume: continue from last.pt (only `epochs` and `device` may differ from its config; a finished run is
-    returned as is). overwrite: replace a run already in out_dir (refused otherwise). compile: run the training
-    forward and backward through `torch.compile` (worth it on a GPU; the weights and checkpoints are the same
-    model). callback(record) runs after each epoch's files are written.
+    returned as is). overwrite: replace a run already in out_dir (refused otherwise). compile: `compile_model`
+    first (worth it on a GPU; checkpoints are the same). callback(record) runs after each epoch's files are written.
 
     Under torchrun (several processes) the run is data-parallel: rank 0 claims the folder, builds the data cache
     first, validates, writes the files and calls `callback`; every process returns the same history.
@@ -323,8 +329,9 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
         with torch.random.fork_rng(devices=runs.cuda_devices(device)):
             torch.manual_seed(config.seed)
             model, optimizer, scheduler = prepare_model(VQVAE(config.model_config()), config, device, steps)
+            if compile:
+                compile_model(model)
             net = distributed.wrap(model, device)
-            net = torch.compile(net) if compile else net
             quantizer = _quantizer(model)
 
             def one_epoch(epoch: int) -> dict[str, Any]:
