@@ -3,17 +3,19 @@
 #   make test      run the test suite (installs Debian's Chromium for the browser test if absent)
 #   make lab       open the series in JupyterLab
 #   make explorer  serve the codebook explorer as a web page (Voila) on 127.0.0.1
+#   make bench     benchmark data loading, training and evaluation on the full-size phantom
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 KERNEL := hipmri-vqvae
 DATA_DIR ?= data/phantom
+DEVICE ?= auto
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 LAB_OVERRIDES := $(VENV)/etc/jupyter/labconfig/default_setting_overrides.json
 
-.PHONY: setup figures test ipynb lab explorer clean
+.PHONY: setup figures test ipynb lab explorer bench clean
 setup: $(STAMP)
 
 # A local virtual environment with the pinned dependencies and the project's Jupyter kernel.
@@ -42,15 +44,25 @@ figures: $(STAMP) $(if $(filter data/phantom,$(DATA_DIR)),data/phantom/PHANTOM.j
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
-# JupyterLab on the series, from .venv: the jupytext scripts open as notebooks on a double click.
+# JupyterLab on the series, from .venv: the jupytext scripts open as notebooks on a double click. LAB_ARGS: more
+# options for `jupyter lab` (the tests set the port and the token).
 lab: $(STAMP)
 	$(VENV)/bin/jupytext-config --settings-file $(LAB_OVERRIDES) set-default-viewer python
-	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
+	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # The explorer of notebook 05 as a web page (notebooks/explorer_app.py in Voila, no code shown) on 127.0.0.1,
 # with the committed checkpoint and the default phantom (EXPLORER_DATA_DIR, EXPLORER_CHECKPOINT override them).
 explorer: $(STAMP) data/phantom/PHANTOM.json
 	$(PY) -m vqvae_lib.explorer_page serve
+
+# The full-size phantom (12,660 slices, as many as the real data) and the benchmarks on it; DEVICE=cuda on a GPU.
+data/phantom-full/PHANTOM.json: | $(STAMP)
+	$(PY) -m vqvae_lib phantom --out data/phantom-full --size full --seed 0 --force
+
+bench: $(STAMP) data/phantom-full/PHANTOM.json
+	mkdir -p build
+	$(PY) -m vqvae_lib bench --data-dir data/phantom-full --device $(DEVICE) --json build/bench.json
 
 # Plain .ipynb copies of the notebooks (for Jupyter users who do not use jupytext), in build/ipynb.
 ipynb: $(STAMP)

@@ -94,6 +94,18 @@ for name in ("default", "seed"):
 # python -m vqvae_lib train --data-dir data/phantom --out runs/default --preset default --device cuda
 # python -m vqvae_lib train --data-dir data/phantom --out runs/default --resume   # after an interruption
 # ```
+#
+# On several GPUs the same command runs data-parallel under `torchrun`:
+#
+# ```bash
+# torchrun --nproc_per_node=4 -m vqvae_lib train --data-dir data/phantom --out runs/default --device cuda
+# ```
+#
+# Each process takes its share of every global batch of 32 slices and DistributedDataParallel averages the
+# gradients. The EMA codebook needs one more step: each process sums its code counts and code vector sums with
+# those of the others (an all-reduce) before the moving averages move, so every replica makes the update one
+# process would make on the whole batch and all of them keep the same codebook. Add `--compile` on a GPU to
+# compile the encoder and decoder with `torch.compile`.
 
 # %%
 if full:

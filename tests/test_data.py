@@ -374,6 +374,15 @@ def test_worker_processes_decode_the_same_bytes_and_report_bad_files(tree, monke
         load(tree, cache=False, masks=True, workers=2)
 
 
+def test_cache_read_whole_or_memory_mapped(tree):
+    built = load(tree, memory_map=False)  # a fresh build, then read back whole
+    mapped, whole = load(tree, masks=False), load(tree, memory_map=False)
+    assert isinstance(mapped.images, np.memmap) and not mapped.images.flags.writeable
+    assert not isinstance(whole.images, np.memmap) and whole.images.flags.writeable and whole.from_cache
+    assert not isinstance(built.images, np.memmap) and not built.from_cache
+    assert whole.images.tobytes() == mapped.images.tobytes() == built.images.tobytes()
+
+
 def test_nan_and_3d_files_in_split(tree):
     a = np.ones(SHAPE, np.float32)
     a[0, 0] = np.nan

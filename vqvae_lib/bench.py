@@ -61,25 +61,23 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_data(data_dir: str | Path, workers: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """First decode of all three splits into a fresh cache, then their cached reload into memory."""
+    """First decode of all three splits into a fresh cache, then their cached reload into memory (as training
+    loads its split), with the peak memory (RSS) of this process after each."""
     before = _peak_rss_mb()
     with tempfile.TemporaryDirectory(prefix="hipmri-bench-cache-") as cache:
         started = time.perf_counter()
-        splits = [data.load_split(data_dir, s, cache_dir=cache, workers=workers, progress=progress)
-                  for s in data.SPLITS]
-        decode_s = time.perf_counter() - started
-        files = sum(len(s) for s in splits)
-        del splits
+        files = sum(len(data.load_split(data_dir, s, cache_dir=cache, workers=workers, progress=progress))
+                    for s in data.SPLITS)
+        decode_s, decode_peak = time.perf_counter() - started, _peak_rss_mb()
         started = time.perf_counter()
-        arrays = [np.array(data.load_split(data_dir, s, cache_dir=cache, progress=False).images)
-                  for s in data.SPLITS]
+        splits = [data.load_split(data_dir, s, cache_dir=cache, progress=False, memory_map=False) for s in data.SPLITS]
         reload_s = time.perf_counter() - started
-        loaded_mb = sum(a.nbytes for a in arrays) / 2**20
-        del arrays
+        loaded_mb = sum(split.images.nbytes for split in splits) / 2**20
+        del splits
     return {"files": files, "decode_s": decode_s, "decode_files_per_s": files / decode_s,
             "decode_workers": data.decode_workers() if workers is None else workers, "reload_s": reload_s,
-            "reload_mb": loaded_mb, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": before,
-            "worker_peak_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN)}
+            "reload_mb": loaded_mb, "rss_before_mb": before, "decode_peak_rss_mb": decode_peak,
+            "peak_rss_mb": _peak_rss_mb()}
 
 
 class PerFileSlices(Dataset):
@@ -179,11 +177,10 @@ def run(data_dir: str | Path, *, device: str = "auto", warmup: int = 2, steps: i
     d = result["data"] = bench_data(data_dir, workers, progress)
     report(f"data: first decode of {d['files']:,} files {d['decode_s']:.1f} s ({d['decode_files_per_s']:.0f} "
            f"files/s, {d['decode_workers']} workers); cached reload into memory {d['reload_s']:.2f} s "
-           f"({d['reload_mb']:,.0f} MB); peak memory {d['peak_rss_mb']:,.0f} MB (before loading "
-           f"{d['rss_before_mb']:,.0f} MB)" + (f", decoding workers {d['worker_peak_rss_mb']:,.0f} MB each at most"
-                                                 if d["worker_peak_rss_mb"] else ""))
+           f"({d['reload_mb']:,.0f} MB); peak memory of this process {d['rss_before_mb']:,.0f} MB before, "
+           f"{d['decode_peak_rss_mb']:,.0f} MB decoding, {d['peak_rss_mb']:,.0f} MB reloading")
 
-    split = data.load_split(data_dir, "train", progress=progress)
+    split = data.load_split(data_dir, "train", progress=progress, memory_map=False)
     images = resident_images(split.images, dev)
     common = bench_common_recipe([f.path for f in split.files], dev, warmup, steps)
     ours_same = bench_pipeline(make_config("seed", amp=True, channels_last=True), images, dev, warmup, steps,

@@ -199,8 +199,11 @@ def _quantizer(model: VQVAE) -> VectorQuantizer:
 
 
 def resident_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(N, H, W) array -> (N, 1, H, W) float32 tensor, on `device` when it fits (else in pinned CPU memory)."""
-    x = torch.from_numpy(np.array(images, dtype=np.float32))[:, None]  # a copy: the memmap is read-only
+    """(N, H, W) array -> (N, 1, H, W) float32 tensor, on `device` when it fits (else in pinned CPU memory).
+
+    On the CPU the tensor shares memory with a writable C-contiguous float32 array; others are copied.
+    """
+    x = torch.from_numpy(np.require(images, np.float32, ["C", "W"]))[:, None]
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return x.to(device) if x.nbytes < free // 2 else x.pin_memory()
@@ -319,7 +322,8 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
             lambda: runs.load_resume(out_dir, "vqvae") if resume else None)
         device = distributed.local_device(select_device(config.device))
         main = distributed.is_main()
-        train_split = distributed.main_first(lambda: load_split(data_dir, "train", progress=progress and main))
+        train_split = distributed.main_first(lambda: load_split(data_dir, "train", progress=progress and main,
+                                                                memory_map=False))
         val_images = load_split(data_dir, "validate", progress=progress and main).images if main else None
         images = resident_images(train_split.images[:config.limit], device)
         batches = global_batches(len(images), config.batch_size, distributed.world_size())

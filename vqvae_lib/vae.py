@@ -113,7 +113,8 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *,
     """
     payload = runs.start(out_dir, "vae", config.to_dict(), config.model, resume=resume, overwrite=overwrite)
     device = select_device(config.device)
-    images = resident_images(load_split(data_dir, "train", progress=progress).images[:config.limit], device)
+    images = resident_images(load_split(data_dir, "train", progress=progress, memory_map=False).images[:config.limit],
+                             device)
     val_images = load_split(data_dir, "validate", progress=progress).images
     steps = config.epochs * math.ceil(len(images) / config.batch_size)
 
