@@ -356,8 +356,7 @@ def test_bad_file_raise_and_skip(tree, caplog):
         f.name for f in data.files]
 
 
-def test_worker_processes_decode_the_same_bytes_and_report_bad_files(tree, monkeypatch):
-    monkeypatch.setattr(D, "PARALLEL_MIN_FILES", 0)  # the tree is small: force the process pool
+def test_worker_threads_decode_the_same_bytes_and_report_bad_files(tree):
     serial = load(tree, cache=False, masks=True, workers=1)
     parallel = load(tree, cache=False, masks=True, workers=2)
     assert serial.images.tobytes() == parallel.images.tobytes()

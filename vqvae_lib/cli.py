@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--checkpoint", default="checkpoints/default.pt",
                    help="VQ-VAE for the evaluation benchmark ('none': a fresh default model)")
-    p.add_argument("--workers", type=_positive(int), help="decoding processes (default: one per core, at most 8)")
+    p.add_argument("--workers", type=_positive(int), help="decoding threads (default: one per core, at most 8)")
     p.add_argument("--compile", action="store_true", help="torch.compile our pipeline's model")
     p.add_argument("--full-epoch", action=argparse.BooleanOptionalAction, default=None,
                    help="also time one whole epoch of the default preset (default: on CUDA only)")

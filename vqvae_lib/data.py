@@ -22,14 +22,14 @@ Decisions a reader should know about:
   under a second. The file name carries a hash of every file's path, size and modification time and of all
   options, so changed data or options give a new cache. Old cache files are left in place (delete the cache
   folder to reclaim the space); note that loading with and without masks caches the images twice. The first
-  decode runs in worker processes (one per core by default).
+  decode runs in worker threads (one per core by default): decompression and most of the array work release
+  the GIL, and threads, unlike processes, need no `if __name__ == "__main__"` guard in a user's script.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import multiprocessing
 import json
 import logging
 import os
@@ -37,7 +37,7 @@ import re
 import stat
 import zlib
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -68,9 +68,6 @@ PERCENTILE_SAMPLE_STEP = 16  # inspect() estimates percentiles from every 16th v
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
 _PAST = {"crop": "cropped", "pad": "padded", "resize": "resized"}
 _SHOW = 5  # names shown in warnings and problem lists
-PARALLEL_MIN_FILES = 256  # smaller splits decode in this process: starting workers would cost more
-# Decoding workers start from a clean server process, not a fork of a process that may run threads (torch, Jupyter).
-START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 class DataError(ValueError):
@@ -419,8 +416,7 @@ def _decode_one(f: SliceFile, mask_path: Path | None, shape: tuple[int, int], po
 
 def _decode_or_error(job: tuple[SliceFile, Path | None], shape: tuple[int, int], policy: str, normalization: str
                      ) -> tuple[np.ndarray, np.ndarray | None, float, tuple[int, int]] | str:
-    """`_decode_one` of job = (image file, mask path or None), a DataError returned as its message (so a worker
-    process can hand it back)."""
+    """`_decode_one` of job = (image file, mask path or None), a DataError returned as its message."""
     try:
         return _decode_one(*job, shape, policy, normalization)
     except DataError as e:
@@ -428,20 +424,20 @@ def _decode_or_error(job: tuple[SliceFile, Path | None], shape: tuple[int, int],
 
 
 def decode_workers() -> int:
-    """The default number of decoding processes: one per core, at most 8."""
+    """The default number of decoding threads: one per core, at most 8."""
     return min(os.cpu_count() or 1, 8)
 
 
 def _decode_all(jobs: list[tuple[SliceFile, Path | None]], workers: int, shape: tuple[int, int], policy: str,
                 normalization: str) -> Iterator[tuple[np.ndarray, np.ndarray | None, float, tuple[int, int]] | str]:
-    """`_decode_or_error` of every job, in order; in `workers` processes when there are enough of them."""
+    """`_decode_or_error` of every job, in order, in `workers` threads (1: in this one)."""
     decode = partial(_decode_or_error, shape=shape, policy=policy, normalization=normalization)
-    if workers <= 1 or len(jobs) < PARALLEL_MIN_FILES:
+    if workers <= 1:
         yield from map(decode, jobs)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(START_METHOD))
+    pool = ThreadPoolExecutor(workers)
     try:
-        yield from pool.map(decode, jobs, chunksize=32)
+        yield from pool.map(decode, jobs)
     finally:  # also when the caller stops early (a bad file): drop the files not yet decoded
         pool.shutdown(cancel_futures=True)
 
@@ -537,8 +533,8 @@ def load_split(root: str | Path, split: str = "train", *, shape: tuple[int, int]
     shape: working (H, W); slices of another shape go through `shape_policy` (see `fit_shape`) and are reported.
     normalization: see `normalize`. on_error: "raise" on the first bad file, or "skip" it (listed in `skipped`).
     masks: also load the seg masks; every image then needs one. cache_dir: default ROOT/.cache when writable,
-    else ~/.cache/hipmri-vqvae. workers: processes that decode the files when there is no cache (default: one
-    per core, at most 8; 1: in this process). memory_map: open the cache as a read-only memory map (opens at
+    else ~/.cache/hipmri-vqvae. workers: threads that decode the files when there is no cache (default: one
+    per core, at most 8; 1: this thread alone). memory_map: open the cache as a read-only memory map (opens at
     once, reads pages as they are used), or with False read it whole into writable arrays (about 10x faster than
     touching every page of the map: use it to load a split that will be read whole, e.g. for training). Also
     checks that no patient is in two splits.
