@@ -44,12 +44,13 @@ figures: $(STAMP) $(if $(filter data/phantom,$(DATA_DIR)),data/phantom/PHANTOM.j
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
-# JupyterLab on the series, from .venv: the jupytext scripts open as notebooks on a double click. LAB_ARGS: more
-# options for `jupyter lab` (the tests set the port and the token).
+# JupyterLab on the series, from .venv: the jupytext scripts open as notebooks on a double click. LAB_DIR: the
+# folder it shows; LAB_ARGS: more options for `jupyter lab` (the tests set these, the port and the token).
+LAB_DIR ?= .
 lab: $(STAMP)
 	$(VENV)/bin/jupytext-config --settings-file $(LAB_OVERRIDES) set-default-viewer python
-	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
-		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=$(LAB_DIR) \
+		--LabApp.default_url=/lab/tree/notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # The explorer of notebook 05 as a web page (notebooks/explorer_app.py in Voila, no code shown) on 127.0.0.1,
 # with the committed checkpoint and the default phantom (EXPLORER_DATA_DIR, EXPLORER_CHECKPOINT override them).

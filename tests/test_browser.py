@@ -1,12 +1,13 @@
-"""End to end: the explorer's Voilà page on 127.0.0.1, driven in Debian's headless Chromium.
+"""End to end in Debian's headless Chromium: the explorer's Voilà page, and the series in `make lab`.
 
 The page is served from notebooks/explorer_app.py on the tiny phantom with the committed checkpoint. The
 test moves the slice slider and chooses a code in the browser, and checks each time that the picture the page
 shows is the one CodebookExplorer renders in this process for that state, and that the chosen code's cells,
-and only those, are drawn in the highlight colour on the page's index map. A missing Chromium fails the test.
+and only those, are drawn in the highlight colour on the page's index map. A missing Chromium fails the tests.
 """
 
 import io
+import secrets
 import urllib.request
 
 import numpy as np
@@ -104,3 +105,39 @@ def test_the_explorer_page_in_chromium(tiny_phantom, reference, tmp_path, capsys
     with capsys.disabled():
         print(f"\nbrowser test: executed in Chromium {version} against Voilà on {server.base}: slider moved to "
               f"slice {k}, code {code} chosen ({state['usage']} cells highlighted)")
+
+
+def test_make_lab_opens_a_script_as_a_notebook_with_live_widgets(tiny_phantom, reference, tmp_path, capsys):
+    """`make lab` on a copy of the page's script (JupyterLab writes checkpoints beside what it opens)."""
+    explorer, start = reference
+    root = tmp_path / "lab"
+    (root / "notebooks").mkdir(parents=True)
+    script = root / "notebooks" / explorer_page.APP.name
+    script.write_bytes(explorer_page.APP.read_bytes())
+    port, token = pageserver.free_port(), secrets.token_hex(24)
+    lab_args = f"--no-browser --port={port} --ServerApp.port_retries=0 --IdentityProvider.token={token}"
+    env = {explorer_page.DATA_ENV: str(tiny_phantom), explorer_page.CHECKPOINT_ENV: str(CHECKPOINT),
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),  # not the user's own settings
+           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "run")}
+    command = ["make", "-s", "-C", str(runner.REPO), "lab", f"LAB_DIR={root}", f"LAB_ARGS={lab_args}"]
+    with open(tmp_path / "lab.log", "w") as log, pageserver.run_server(command, port, env=env, log=log), \
+            pageserver.chromium() as browser:
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        try:
+            page.goto(f"http://{pageserver.HOST}:{port}/lab/tree/notebooks/{script.name}?token={token}")
+            page.wait_for_selector(".jp-NotebookPanel .jp-CodeCell", timeout=120_000)  # a notebook, not an editor
+            assert page.locator(".jp-FileEditor").count() == 0
+            # the project's kernel, connected and idle (a cell run before that is not executed)
+            page.get_by_text("Python (hipmri-vqvae) | Idle").wait_for(timeout=120_000)
+            page.click(".jp-CodeCell .jp-InputArea-editor")
+            page.keyboard.press("Control+Enter")  # run the cell
+            page.wait_for_selector(f"{explorer_page.IMAGE}[src]", timeout=120_000)
+            _assert_same_picture(explorer_page.image_png(page), explorer.render_png(explorer.view(start)))
+            explorer_page.step_slider(page)
+            _assert_same_picture(explorer_page.image_png(page), explorer.render_png(explorer.view(start + 1)))
+        finally:
+            page.screenshot(path=tmp_path / "lab.png")  # for a failure's post-mortem
+        version = browser.version
+    with capsys.disabled():
+        print(f"\nbrowser test: `make lab` checked in Chromium {version}: {script.name} opened as a notebook in "
+              "JupyterLab, its explorer widget ran and followed the slider")

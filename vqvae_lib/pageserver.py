@@ -1,8 +1,9 @@
 """Serve a notebook as a Voilà page on the loopback interface, and open pages in headless Chromium.
 
 `serve` starts Voilà bound to 127.0.0.1 on a free port with a random token, waits until it listens and, on
-leaving the `with` block (normally or by an exception), stops it and the kernels it started. `chromium`
-launches Debian's Chromium (/usr/bin/chromium) through Playwright; no browser is ever downloaded.
+leaving the `with` block (normally or by an exception), stops it and the kernels it started; `run_server` does
+the same for any server command (the tests start JupyterLab with it). `chromium` launches Debian's Chromium
+(/usr/bin/chromium) through Playwright; no browser is ever downloaded.
 """
 
 from __future__ import annotations
@@ -96,33 +97,42 @@ def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 @contextmanager
-def serve(notebook: str | Path, *, port: int | None = None, env: dict[str, str] | None = None,
-          log: IO | None = None, timeout: float = 120.0) -> Iterator[Server]:
-    """Serve `notebook` (.ipynb) with Voilà on 127.0.0.1 until the block ends; yields the Server.
+def run_server(command: list[str], port: int, *, env: dict[str, str] | None = None, log: IO | None = None,
+               timeout: float = 120.0) -> Iterator[subprocess.Popen]:
+    """Start a server `command` in a session of its own, wait until something listens on 127.0.0.1:`port`, and
+    stop it (`stop`) when the block ends, whether normally or by an exception.
 
-    port: default a free one. env: extra environment variables for the server and its kernels. log: a file
-    for Voilà's output (default: this process's). Raises RuntimeError, with the log's tail when it is a
-    file, if the server exits or does not listen within `timeout` seconds.
+    env: extra environment variables. log: a file for the server's output (default: this process's). Raises
+    RuntimeError, with the log's tail when it is a file, if the server exits or does not listen within
+    `timeout` seconds.
     """
-    notebook = Path(notebook)
-    if not notebook.is_file():
-        raise FileNotFoundError(f"notebook {notebook} not found")
-    port = free_port() if port is None else port
-    token = secrets.token_hex(24)
-    process = subprocess.Popen(voila_command(notebook, port, token), env={**os.environ, **(env or {})},
-                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT if log else None,
-                               start_new_session=True)
+    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL, stdout=log,
+                               stderr=subprocess.STDOUT if log else None, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while not _listening(port):
             if process.poll() is not None or time.monotonic() > deadline:
                 why = (f"exited with code {process.returncode}" if process.poll() is not None
                        else f"did not listen on {HOST}:{port} within {timeout:.0f} s")
-                raise RuntimeError(f"Voilà serving {notebook} {why}{_tail(log)}")
+                raise RuntimeError(f"{' '.join(command[:4])} ... {why}{_tail(log)}")
             time.sleep(0.2)
-        yield Server(base=f"http://{HOST}:{port}/", token=token, process=process)
+        yield process
     finally:
         stop(process)
+
+
+@contextmanager
+def serve(notebook: str | Path, *, port: int | None = None, env: dict[str, str] | None = None,
+          log: IO | None = None, timeout: float = 120.0) -> Iterator[Server]:
+    """Serve `notebook` (.ipynb) with Voilà on 127.0.0.1 (port default: a free one) with a random token until
+    the block ends; yields the Server. env, log, timeout: see `run_server`."""
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise FileNotFoundError(f"notebook {notebook} not found")
+    port = free_port() if port is None else port
+    token = secrets.token_hex(24)
+    with run_server(voila_command(notebook, port, token), port, env=env, log=log, timeout=timeout) as process:
+        yield Server(base=f"http://{HOST}:{port}/", token=token, process=process)
 
 
 def _tail(log: IO | None, n: int = 3000) -> str:
