@@ -189,7 +189,7 @@ class VectorQuantizer(nn.Module):
             if self.training:
                 with torch.no_grad():
                     if self.ema:
-                        self._ema_update(flat, F.one_hot(indices, self.num_codes).float())
+                        self._ema_update(flat, indices, counts)
                     self.usage.mul_(self.usage_decay).add_(probs, alpha=1.0 - self.usage_decay)
                     if self.restart:
                         self._restart_dead_codes(flat)
@@ -210,13 +210,14 @@ class VectorQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, onehot: torch.Tensor) -> None:
-        """Move each code to the EMA of the vectors assigned to it: flat (N, D), onehot (N, K) assignments.
+    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        """Move each code to the EMA of the vectors assigned to it: flat (N, D) vectors, indices (N,) their codes,
+        counts (K,) = n_k, how many vectors of the batch chose code k.
 
         Under data-parallel training, `counts` and `sums` are summed over all processes' batches.
         """
-        counts = distributed.all_reduce_sum(onehot.sum(0))  # n_k: how many vectors chose code k in this batch, (K,)
-        sums = distributed.all_reduce_sum(onehot.t() @ flat)  # the sum of those vectors, (K, D)
+        sums = torch.zeros_like(self.codebook).index_add_(0, indices, flat)  # sum of the vectors of each code, (K, D)
+        distributed.all_reduce_sum(sums)
         # Moving averages (paper, appendix A.1):
         # N_k <- decay N_k + (1 - decay) n_k  and  m_k <- decay m_k + (1 - decay) sums_k
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
