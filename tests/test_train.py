@@ -325,5 +325,6 @@ def test_compiled_training_matches_eager(tiny_phantom, tmp_path):
     compiled = T.train(tiny_phantom, tmp_path / "compiled", tiny(epochs=1), compile=True, progress=False)
     assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-2)
     assert compiled[0]["val_ssim"] == pytest.approx(eager[0]["val_ssim"], abs=1e-2)
-    states = [load_checkpoint(tmp_path / name / "best.pt", kind="vqvae")["model_state"] for name in ("eager", "compiled")]
-    assert states[0].keys() == states[1].keys()
+    eager_state, compiled_state = (load_checkpoint(tmp_path / name / "best.pt", kind="vqvae")["model_state"]
+                                   for name in ("eager", "compiled"))
+    assert eager_state.keys() == compiled_state.keys()

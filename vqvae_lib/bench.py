@@ -14,6 +14,7 @@ shared machine move from run to run; ratios measured side by side much less):
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import resource
@@ -42,17 +43,16 @@ BATCH = 32
 def machine() -> dict[str, Any]:
     """What the numbers were measured on: CPU model and cores, torch and its threads, the GPU if any."""
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-             if line.startswith("model name")]
-    info = {"cpu": names[0] if names else platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "gpu": None}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return {"cpu": names[0] if names else platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def _peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024  # Linux reports kilobytes
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
 
 
 def _sync(device: torch.device) -> None:
@@ -79,9 +79,8 @@ def bench_data(data_dir: str | Path, workers: int | None = None, progress: bool 
             del splits
     return {"files": files, "decode_s": decode_s, "decode_files_per_s": files / decode_s,
             "decode_workers": data.decode_workers() if workers is None else workers, "reload_s": reload_s[0],
-            "reload_again_s": reload_s[1],
-            "reload_mb": loaded_mb, "rss_before_mb": before, "decode_peak_rss_mb": decode_peak,
-            "peak_rss_mb": _peak_rss_mb()}
+            "reload_again_s": reload_s[1], "reload_mb": loaded_mb, "rss_before_mb": before,
+            "decode_peak_rss_mb": decode_peak, "peak_rss_mb": _peak_rss_mb()}
 
 
 class PerFileSlices(Dataset):
@@ -142,7 +141,8 @@ def bench_pipeline(config: TrainConfig, images: torch.Tensor, device: torch.devi
     """Images/s of our training loop (`train.train_epoch`) with `config` on the resident images (N, 1, H, W):
     `steps` batches, or with steps=None one whole epoch over all of them."""
     torch.manual_seed(0)
-    model, optimizer, scheduler = prepare_model(VQVAE(config.model_config()), config, device, 10**6)
+    total = warmup + (steps if steps is not None else math.ceil(len(images) / BATCH))  # the schedule's length
+    model, optimizer, scheduler = prepare_model(VQVAE(config.model_config()), config, device, total)
     if compile:
         compile_model(model)
 
@@ -181,8 +181,9 @@ def run(data_dir: str | Path, *, device: str = "auto", warmup: int = 2, steps: i
     d = result["data"] = bench_data(data_dir, workers, progress)
     report(f"data: first decode of {d['files']:,} files {d['decode_s']:.1f} s ({d['decode_files_per_s']:.0f} "
            f"files/s, {d['decode_workers']} threads); cached reload into memory {d['reload_s']:.2f} s, again "
-           f"{d['reload_again_s']:.2f} s ({d['reload_mb']:,.0f} MB); peak memory of this process {d['rss_before_mb']:,.0f} MB before, "
-           f"{d['decode_peak_rss_mb']:,.0f} MB decoding, {d['peak_rss_mb']:,.0f} MB reloading")
+           f"{d['reload_again_s']:.2f} s ({d['reload_mb']:,.0f} MB); peak memory of this process "
+           f"{d['rss_before_mb']:,.0f} MB before, {d['decode_peak_rss_mb']:,.0f} MB decoding, "
+           f"{d['peak_rss_mb']:,.0f} MB reloading")
 
     split = data.load_split(data_dir, "train", progress=progress, memory_map=False)
     images = resident_images(split.images, dev)
@@ -198,7 +199,7 @@ def run(data_dir: str | Path, *, device: str = "auto", warmup: int = 2, steps: i
            f"model {ours_same:.1f} img/s = {t['ratio_same_model']:.2f}x; ours, default preset {default:.1f} "
            f"img/s = {t['ratio_default']:.2f}x the common recipe")
 
-    if full_epoch if full_epoch is not None else dev.type == "cuda":
+    if dev.type == "cuda" if full_epoch is None else full_epoch:
         rate = bench_pipeline(make_config("default"), images, dev, warmup, None, compile, progress)
         t["default_epoch_s"] = len(images) / rate
         report(f"one epoch of the default preset over {len(images):,} slices: {t['default_epoch_s']:.1f} s")
@@ -212,6 +213,7 @@ def run(data_dir: str | Path, *, device: str = "auto", warmup: int = 2, steps: i
         torch.manual_seed(0)
         model, amp = VQVAE(make_config("default").model_config()).to(dev), True
     rate = bench_eval(model, test, dev, amp)
-    result["eval"] = {"slices": len(test), "slices_per_s": rate, "checkpoint": str(checkpoint) if checkpoint else None}
+    result["eval"] = {"slices": len(test), "slices_per_s": rate,
+                      "checkpoint": str(checkpoint) if checkpoint is not None else None}
     report(f"eval: reconstruct + SSIM/PSNR of {len(test)} test slices {rate:.0f} slices/s")
     return result

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive(int), help="train on the first N training slices only")
     p.add_argument("--downsample", type=int, choices=(4, 8, 16))
     p.add_argument("--ssim-weight", type=float, help="loss = MSE + W (1 - SSIM) (default: the preset's)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU runs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder (GPU runs)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("vae", help="train the Gaussian VAE (default recipe, same budget as the VQ-VAE) for comparison")
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="checkpoints/default.pt",
                    help="VQ-VAE for the evaluation benchmark ('none': a fresh default model)")
     p.add_argument("--workers", type=_positive(int), help="decoding threads (default: one per core, at most 8)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our pipeline's model")
+    p.add_argument("--compile", action="store_true", help="torch.compile our pipeline's encoder and decoder")
     p.add_argument("--full-epoch", action=argparse.BooleanOptionalAction, default=None,
                    help="also time one whole epoch of the default preset (default: on CUDA only)")
     p.add_argument("--json", help="also write every figure to this JSON file")

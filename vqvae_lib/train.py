@@ -257,10 +257,10 @@ def global_batches(n: int, batch_size: int, world: int = 1) -> list[tuple[int, i
 
 
 def train_epoch(net: torch.nn.Module, images: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
-                 config: TrainConfig, device: torch.device, epoch: int, progress: bool) -> dict[str, float]:
+                config: TrainConfig, device: torch.device, epoch: int, progress: bool) -> dict[str, float]:
     """One pass over images (N, 1, H, W) in a seeded random order; returns the mean losses (and SSIM) per image.
 
-    net: the model, possibly wrapped (DistributedDataParallel, torch.compile). Data-parallel: every process draws
+    net: the model, or its DistributedDataParallel wrapper. Data-parallel: every process draws
     the same order and trains on its contiguous share of each global batch; its loss is weighted by its share, so
     the averaged gradient is that of the whole global batch.
     """
