@@ -171,11 +171,7 @@ explorer_grid(explorer, rows, FIGS / "05_explorer.png");
 
 # %%
 middle = len(images) // 2
-d = explorer.downsample
-h, w = explorer.indices.shape[1:]
-bright = images[middle].reshape(h, d, w, d).mean(axis=(1, 3)) > 0.3
-codes, cells = np.unique(explorer.indices[middle][bright], return_counts=True)
-common = int(codes[cells.argmax()])
+common = explorer.body_code(middle, threshold=0.3)
 explorer.figure(middle, common, FIGS / "05_explorer_code.png");
 
 # %% [markdown]

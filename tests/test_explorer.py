@@ -100,6 +100,15 @@ def test_code_patch_is_the_centre_of_a_map_filled_with_that_code(explorer, model
     np.testing.assert_allclose(explorer.code_patch(code), full[m:m + p, m:m + p], atol=1e-5)
 
 
+def test_body_code_is_the_most_used_code_of_the_bright_cells(explorer):
+    d, (h, w) = explorer.downsample, explorer.indices.shape[1:]
+    bright = explorer.images[0][:h * d, :w * d].reshape(h, d, w, d).mean(axis=(1, 3)) > 0.3
+    assert bright.any() and not bright.all()
+    counts = np.bincount(explorer.indices[0][bright], minlength=explorer.n_codes)
+    assert explorer.body_code(0) == int(counts.argmax())
+    assert explorer.body_code(0, threshold=2.0) == explorer.codes_by_use(0)[0][0]  # no cell that bright
+
+
 def test_a_code_absent_from_the_slice_has_zero_usage(explorer):
     absent = sorted(set(range(16)) - set(explorer.indices[1].ravel().tolist()))[0]
     state = explorer.view(1, absent)

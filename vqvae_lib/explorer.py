@@ -116,6 +116,15 @@ class CodebookExplorer:
         codes, counts = np.unique(self.indices[index], return_counts=True)
         return sorted(zip(codes.tolist(), counts.tolist()), key=lambda cc: (-cc[1], cc[0]))
 
+    def body_code(self, index: int, threshold: float = 0.3) -> int:
+        """The code slice `index` uses most inside the body: over the cells whose pixel block has a mean intensity
+        above `threshold` (the most used code of all its cells if none does)."""
+        d = self.downsample
+        h, w = self.indices.shape[1:]
+        bright = self.images[index][:h * d, :w * d].reshape(h, d, w, d).mean(axis=(1, 3)) > threshold
+        codes, cells = np.unique(self.indices[index][bright], return_counts=True)
+        return int(codes[cells.argmax()]) if len(codes) else self.codes_by_use(index)[0][0]
+
     def view(self, index: int, code: int | None = None) -> dict:
         """The data for one state: slice `index` with `code` highlighted (None: no code).
 

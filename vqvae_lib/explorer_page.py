@@ -132,16 +132,6 @@ def choose_code(page: Page, code: int, timeout_ms: float = 60_000) -> None:
     _await_new_picture(page, before, timeout_ms)
 
 
-def body_code(explorer: CodebookExplorer, index: int, threshold: float = 0.3) -> int:
-    """The code a slice uses most inside the body (cells whose pixel block has mean intensity > threshold)."""
-    d = explorer.downsample
-    h, w = explorer.indices.shape[1:]
-    image = explorer.images[index][:h * d, :w * d]
-    bright = image.reshape(h, d, w, d).mean(axis=(1, 3)) > threshold
-    codes, cells = np.unique(explorer.indices[index][bright], return_counts=True)
-    return int(codes[cells.argmax()]) if len(codes) else int(explorer.codes_by_use(index)[0][0])
-
-
 def screenshot(path: Path, data_dir: Path, checkpoint_path: Path) -> Path:
     """A screenshot of the page (metadata-free PNG) moved one slice on from the start, with the code that
     slice uses most inside the body chosen."""
@@ -155,7 +145,7 @@ def screenshot(path: Path, data_dir: Path, checkpoint_path: Path) -> Path:
         page = browser.new_page(viewport={"width": 1000, "height": 430})  # grows to the page's full height
         open_page(page, server.url)
         step_slider(page)
-        choose_code(page, body_code(explorer, start + 1))
+        choose_code(page, explorer.body_code(start + 1))
         png = page.screenshot(full_page=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.open(io.BytesIO(png)).save(path, optimize=True)  # PIL writes no text chunks

@@ -231,7 +231,8 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
-        """Re-set codes whose smoothed usage is below threshold to random encoder outputs of flat (N, D)."""
+        """Re-set codes whose smoothed usage is below threshold to random encoder outputs of flat (N, D) (of every
+        process's batch under data-parallel training)."""
         dead = torch.nonzero(self.usage < self.restart_threshold / self.num_codes).squeeze(1)
         if len(dead) > 0:
             self._reset_codes(dead, sample_rows(distributed.gather_rows(flat), len(dead)))
