@@ -1,12 +1,14 @@
 import hashlib
 import json
 import re
+import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from vqvae_lib import phantom
+from vqvae_lib.cli import main
 from vqvae_lib.data import SPLITS, split_folders
 
 NAME = re.compile(r"case_(\d{3})_week_(\d)_slice_(\d+)\.nii\.gz")
@@ -130,3 +132,118 @@ def test_mri_contrast_by_label():
 def test_generate_refuses_to_overwrite(tiny_phantom):
     with pytest.raises(FileExistsError, match="--force"):
         phantom.generate(tiny_phantom, size="tiny")
+
+
+def _user_folder(tmp_path):
+    """A folder of someone's work: no PHANTOM.json."""
+    folder = tmp_path / "my_thesis"
+    (folder / "chapters").mkdir(parents=True)
+    (folder / "notes.txt").write_bytes(b"three years of work\n")
+    (folder / "chapters" / "intro.tex").write_bytes(b"\\chapter{Introduction}\n")
+    return folder
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_force_refuses_a_folder_that_is_not_a_phantom(tmp_path):
+    folder = _user_folder(tmp_path)
+    before = _snapshot(folder)
+    with pytest.raises(FileExistsError, match=r"refusing to replace .*my_thesis: it is not a phantom folder "
+                                              r"\(no PHANTOM.json; it holds chapters, notes.txt\)"):
+        phantom.generate(folder, size="tiny", force=True)
+    assert _snapshot(folder) == before
+    assert not (tmp_path / "my_thesis.partial").exists()
+
+
+def test_force_refuses_a_phantom_holding_a_user_file(tiny_phantom, tmp_path):
+    folder = tmp_path / "hipmri"
+    shutil.copytree(tiny_phantom, folder)
+    (folder / "keras_slices_train" / "my_annotations.csv").write_text("slice,label\n")
+    (folder / "results.txt").write_text("dice 0.9\n")
+    with pytest.raises(FileExistsError, match=r"it holds what the phantom does not write \(keras_slices_train/"
+                                              r"my_annotations.csv, results.txt\)"):
+        phantom.generate(folder, size="tiny", force=True)
+    assert (folder / "results.txt").read_text() == "dice 0.9\n"
+    assert _digest(folder) == _digest(tiny_phantom)
+
+
+def test_force_refuses_a_manifest_that_is_not_the_phantoms(tiny_phantom, tmp_path):
+    folder = tmp_path / "hipmri"
+    shutil.copytree(tiny_phantom, folder)
+    (folder / "PHANTOM.json").write_text('{"written by": "me"}\n')
+    with pytest.raises(FileExistsError, match=r"not a phantom folder \(PHANTOM.json is not a phantom manifest\)"):
+        phantom.generate(folder, size="tiny", force=True)
+    assert (folder / "PHANTOM.json").read_text() == '{"written by": "me"}\n'
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_file_as_out_is_refused(tmp_path, force):
+    path = tmp_path / "thesis.pdf"
+    path.write_bytes(b"%PDF-1.7")
+    with pytest.raises(FileExistsError, match=r"thesis.pdf is a file, not a folder"):
+        phantom.generate(path, size="tiny", force=force)
+    assert path.read_bytes() == b"%PDF-1.7"
+
+
+def test_a_partial_folder_that_is_not_ours_is_left_alone(tmp_path):
+    partial = tmp_path / "hipmri.partial"
+    (partial / "keras_slices_train").mkdir(parents=True)
+    (partial / "keras_slices_train" / "draft.docx").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match=r"refusing to remove .*hipmri.partial: it is not an unfinished "
+                                              r"phantom \(it holds keras_slices_train/draft.docx\)"):
+        phantom.generate(tmp_path / "hipmri", size="tiny")
+    assert (partial / "keras_slices_train" / "draft.docx").read_bytes() == b"mine"
+    assert not (tmp_path / "hipmri").exists()
+
+
+class _Interrupted:
+    """A worker pool that is interrupted (Ctrl-C) as soon as it starts."""
+
+    def __init__(self, workers):
+        pass
+
+    def __enter__(self):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_an_interrupted_force_keeps_the_old_phantom(tiny_phantom, tmp_path, monkeypatch):
+    folder = tmp_path / "hipmri"
+    shutil.copytree(tiny_phantom, folder)
+    monkeypatch.setattr(phantom, "ProcessPoolExecutor", _Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        phantom.generate(folder, size="tiny", force=True)
+    assert _digest(folder) == _digest(tiny_phantom)
+    assert (folder / "PHANTOM.json").read_bytes() == (tiny_phantom / "PHANTOM.json").read_bytes()
+
+
+def test_force_replaces_a_phantom_with_its_cache_and_an_unfinished_run(tiny_phantom, tmp_path):
+    folder = tmp_path / "hipmri"
+    shutil.copytree(tiny_phantom, folder)
+    (folder / "PHANTOM.json").write_text(json.dumps({**json.loads((folder / "PHANTOM.json").read_text()),
+                                                     "seed": 7}))  # an older phantom, another seed
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "train-0123.images.npy").write_bytes(b"cached")
+    partial = tmp_path / "hipmri.partial"  # left by a killed run
+    (partial / "keras_slices_test").mkdir(parents=True)
+    shutil.copy(next((tiny_phantom / "keras_slices_test").iterdir()), partial / "keras_slices_test")
+    phantom.generate(folder, size="tiny", force=True, progress=False)
+    assert _digest(folder) == _digest(tiny_phantom)  # the same bytes as the session phantom
+    assert (folder / "PHANTOM.json").read_bytes() == (tiny_phantom / "PHANTOM.json").read_bytes()
+    assert not (folder / ".cache").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hipmri"]  # no .partial, no old copy left
+
+
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_the_cli_refuses_to_replace_what_is_not_a_phantom(tmp_path, capsys, what):
+    out = _user_folder(tmp_path) if what == "folder" else tmp_path / "notes.txt"
+    if what == "file":
+        out.write_text("notes\n")
+    assert main(["phantom", "--out", str(out), "--size", "tiny", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}" if what == "file" else f"error: refusing to replace {out}")
+    assert "notes.txt" in err and out.exists()

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +30,14 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .data import LABELS, split_folders
+from .data import LABELS, SPLITS, split_folders
 
 FORMAT_VERSION = 1
+MANIFEST = "PHANTOM.json"
+MANIFEST_KEYS = frozenset({"format_version", "seed", "size", "scans", "slices"})
+LOADER_CACHE = ".cache"  # what data.load_split caches in the data folder: deleted with the phantom it caches
+SLICE_FILE = re.compile(r"(case|seg)_\d{3}_week_\d+_slice_\d+\.nii\.gz")
+LISTED = 3  # foreign entries named in a refusal
 # Share of voxels per label in the real 3D scans (HIPMRI_FACTS.md), for comparison.
 REAL_LABEL_SHARES = {"background": 0.6035, "body": 0.3546, "bone": 0.0337,
                      "bladder": 0.0057, "rectum": 0.0014, "prostate": 0.0010}
@@ -639,18 +646,19 @@ def generate(out: str | os.PathLike, *, seed: int = 0, size: str = "small", work
              force: bool = False, progress: bool = True) -> dict:
     """Write the phantom dataset to `out` in the HipMRI layout and return its manifest.
 
-    The files are written into `out.partial` and moved into place when complete, so an interrupted
-    run never leaves a folder that looks finished. The manifest (`out/PHANTOM.json`) records the seed,
-    size, counts and the label shares of the 3D volumes next to the real ones.
+    The files are written into `out.partial` and moved into place when complete, so an interrupted run never
+    leaves a folder that looks finished. With `force` an existing `out` is replaced only if it is a phantom
+    folder (`_check_out`); it is moved aside (into `out.old-XXXX`) until the new one is in place, then deleted.
+    All checks come before anything is deleted. Raises FileExistsError when `out` or `out.partial` is in the way.
+    The manifest (`out/PHANTOM.json`) records the seed, size, counts and the label shares of the 3D volumes
+    next to the real ones.
     """
     out = Path(out)
     plan = schedule(seed, size)
-    if out.exists():
-        if not force:
-            raise FileExistsError(f"{out} already exists; pass force=True (--force) to replace it")
-        shutil.rmtree(out)
+    _check_out(out, force)
     tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
+    if tmp.exists() or tmp.is_symlink():
+        _check_partial(tmp)
         shutil.rmtree(tmp)
     for split in plan:
         for name in split_folders(split):
@@ -667,6 +675,92 @@ def generate(out: str | os.PathLike, *, seed: int = 0, size: str = "small", work
         "label_shares_3d": {name: round(float(np.mean([s[name] for s in shares])), 5) for name in LABELS},
         "real_label_shares_3d": REAL_LABEL_SHARES,
     }
-    (tmp / "PHANTOM.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.rename(out)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _swap_in(tmp, out, force)
     return manifest
+
+
+def _swap_in(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished `tmp` to `out`. An existing `out` (checked again: the run took a while) is first
+    moved into a new folder `out.old-XXXX` beside it, which is deleted once `tmp` is in place."""
+    if not _check_out(out, force):
+        tmp.rename(out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+    out.rename(aside / out.name)
+    tmp.rename(out)
+    shutil.rmtree(aside)
+
+
+def _check_out(out: Path, force: bool) -> bool:
+    """Whether `out` exists. Raises FileExistsError if it is not a folder, or exists without `force`, or is
+    not a phantom folder this module wrote (`_foreign`, `_manifest_problem`)."""
+    if not (out.exists() or out.is_symlink()):
+        return False
+    _require_folder(out, "replace")
+    if not force:
+        raise FileExistsError(f"{out} already exists; pass force=True (--force) to replace it")
+    problem, foreign = _manifest_problem(out), _foreign(out, cache=True)
+    if problem:
+        held = f"; it holds {_listing(foreign)}" if foreign else ""
+        raise FileExistsError(f"refusing to replace {out}: it is not a phantom folder ({problem}{held})")
+    if foreign:
+        raise FileExistsError(f"refusing to replace {out}: it holds what the phantom does not write "
+                              f"({_listing(foreign)}); move that elsewhere first")
+    return True
+
+
+def _check_partial(tmp: Path) -> None:
+    """Raise FileExistsError unless `tmp` looks like an unfinished phantom (split folders of slices, the
+    manifest), which `generate` may delete."""
+    _require_folder(tmp, "remove")
+    foreign = _foreign(tmp, cache=False)
+    if foreign:
+        raise FileExistsError(f"refusing to remove {tmp}: it is not an unfinished phantom "
+                              f"(it holds {_listing(foreign)})")
+
+
+def _require_folder(path: Path, action: str) -> None:
+    """Raise FileExistsError if `path` is a file, a symbolic link or anything else but a folder."""
+    if path.is_file():
+        raise FileExistsError(f"{path} is a file, not a folder")
+    if path.is_symlink():
+        raise FileExistsError(f"refusing to {action} {path}: it is a symbolic link")
+    if not path.is_dir():
+        raise FileExistsError(f"{path} is not a folder")
+
+
+def _manifest_problem(folder: Path) -> str | None:
+    """Why `folder`/PHANTOM.json is not a phantom manifest, or None if it is one."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return f"no {MANIFEST}"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f"{MANIFEST} is not readable JSON"
+    if not isinstance(manifest, dict) or not MANIFEST_KEYS <= manifest.keys():
+        return f"{MANIFEST} is not a phantom manifest"
+    return None
+
+
+def _foreign(folder: Path, cache: bool) -> list[str]:
+    """What in `folder` the phantom does not write, as sorted relative paths: anything but PHANTOM.json, the
+    split folders holding only case_ (image) or seg_ (mask) slices, and, if `cache`, the loader's .cache."""
+    prefixes = {name: prefix for split in SPLITS for name, prefix in zip(split_folders(split), ("case_", "seg_"))}
+    foreign = []
+    for entry in os.scandir(folder):
+        if entry.name in prefixes and entry.is_dir(follow_symlinks=False):
+            foreign += [f"{entry.name}/{f.name}" for f in os.scandir(entry.path)
+                        if not (f.is_file(follow_symlinks=False) and f.name.startswith(prefixes[entry.name])
+                                and SLICE_FILE.fullmatch(f.name))]
+        elif not ((entry.name == MANIFEST and entry.is_file(follow_symlinks=False))
+                  or (cache and entry.name == LOADER_CACHE and entry.is_dir(follow_symlinks=False))):
+            foreign.append(entry.name)
+    return sorted(foreign)
+
+
+def _listing(entries: list[str]) -> str:
+    """The first few entries, and how many more there are."""
+    more = f" and {len(entries) - LISTED} more" if len(entries) > LISTED else ""
+    return ", ".join(entries[:LISTED]) + more
