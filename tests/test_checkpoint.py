@@ -99,14 +99,38 @@ def test_missing_file(tmp_path):
         load_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "plain pickle"])
-def test_corrupt_and_truncated_files_are_refused(saved, damage):
+@pytest.mark.parametrize("damage, message", [
+    ("garbage", "is not a checkpoint: it is not a file written by torch.save"),
+    ("random bytes", "is not a checkpoint: it is not a file written by torch.save"),
+    ("empty", "is not a checkpoint: it is not a file written by torch.save"),
+    ("plain pickle", "is not a checkpoint: it is not a file written by torch.save"),
+    ("truncated", "is not a readable PyTorch checkpoint \\(corrupt or truncated\\?\\)"),
+])
+def test_corrupt_and_truncated_files_are_refused(saved, damage, message):
     content = saved.read_bytes()
+    random_bytes = np.random.default_rng(0).bytes(4096)
+    assert random_bytes[:4] not in (b"PK\x03\x04", b"\x80\x02\x8a\x0a")
     saved.write_bytes({"garbage": b"not a checkpoint at all " * 40, "truncated": content[:len(content) // 2],
-                       "empty": b"", "plain pickle": pickle.dumps([1, 2, 3])}[damage])
-    with pytest.raises(CheckpointError, match=f"{saved}") as info:
+                       "random bytes": random_bytes, "empty": b"", "plain pickle": pickle.dumps([1, 2, 3])}[damage])
+    with pytest.raises(CheckpointError, match=f"{saved} {message}"):
         load_checkpoint(saved)
-    assert "not a readable PyTorch checkpoint" in str(info.value) or "refusing" in str(info.value)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epoch", "three", "epoch is 'three', not a whole number >= 0"),
+    ("epoch", 2.5, "epoch is 2.5, not a whole number >= 0"),
+    ("epoch", True, "epoch is True, not a whole number >= 0"),
+    ("epoch", -1, "epoch is -1, not a whole number >= 0"),
+    ("kind", 3, "kind is 3, not a string"),
+    ("history", [{"epoch": "1"}], "history\\[0\\] is not an epoch record"),
+    ("history", [{"epoch": 1, "val_ssim": "high"}], "history\\[0\\]\\['val_ssim'\\] is 'high', not a number"),
+    ("model_state", {"w": [1.0]}, "model_state holds values that are not tensors"),
+])
+def test_fields_of_the_wrong_type_are_refused(tmp_path, model, field, value, message):
+    path = tmp_path / "odd.pt"
+    torch.save({**payload_of(model), "format": C.FORMAT, field: value}, path)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path}: {message}"):
+        load_checkpoint(path)
 
 
 def test_custom_objects_are_refused(tmp_path, model):

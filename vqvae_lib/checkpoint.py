@@ -25,6 +25,8 @@ from .model import VQVAE, ModelConfig
 FORMAT = "hipmri-vqvae/1"
 REQUIRED_KEYS = ("format", "model_config", "train_config", "model_state", "epoch", "history")
 _SCALARS = (bool, int, float, str, type(None))  # exact types: subclasses such as numpy.float64 are refused
+# How a torch.save file begins: a zip archive, or (the format before 1.6) a pickled magic number.
+_TORCH_HEADS = (b"PK\x03\x04", b"\x80\x02\x8a\x0a")
 
 
 class CheckpointError(ValueError):
@@ -79,6 +81,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists()
                               else f"checkpoint {path} is not a file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head not in _TORCH_HEADS:
+        raise CheckpointError(f"{path} is not a checkpoint: it is not a file written by torch.save")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # noise on non-torch pickles
@@ -103,10 +109,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         if not isinstance(payload[key], expected):
             raise CheckpointError(f"checkpoint {path}: {key} is a {type(payload[key]).__name__}, "
                                   f"not a {expected.__name__}")
+    _check_fields(payload, path)
     payload.setdefault("kind", "vqvae")
     if kind is not None and payload["kind"] != kind:
         raise CheckpointError(f"checkpoint {path} holds a {payload['kind']} model, not a {kind} model")
     return payload
+
+
+def _check_fields(payload: dict[str, Any], path: Path) -> None:
+    """CheckpointError naming the first field of the standard keys that has the wrong type or value."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: {what}")
+
+    epoch = payload["epoch"]
+    if type(epoch) is not int or epoch < 0:
+        raise bad(f"epoch is {epoch!r}, not a whole number >= 0")
+    if not isinstance(payload.get("kind", "vqvae"), str):
+        raise bad(f"kind is {payload['kind']!r}, not a string")
+    for i, record in enumerate(payload["history"]):
+        if not isinstance(record, dict) or type(record.get("epoch")) is not int:
+            raise bad(f"history[{i}] is not an epoch record (a dict with an integer epoch)")
+        numbers = [key for key, value in record.items() if type(value) not in (int, float)]
+        if numbers:
+            raise bad(f"history[{i}][{numbers[0]!r}] is {record[numbers[0]]!r}, not a number")
+    if not all(isinstance(value, torch.Tensor) for value in payload["model_state"].values()):
+        raise bad("model_state holds values that are not tensors")
 
 
 def config_diff(saved: dict[str, Any], wanted: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
