@@ -45,7 +45,8 @@ test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
 # JupyterLab on the series, from .venv: the jupytext scripts open as notebooks on a double click. LAB_DIR: the
-# folder it shows; LAB_ARGS: more options for `jupyter lab` (the tests set these, the port and the token).
+# folder it shows; LAB_ARGS: more options for `jupyter lab` (the tests set the port there). A token goes in
+# $JUPYTER_TOKEN, not in LAB_ARGS: every local user sees command lines in `ps`.
 LAB_DIR ?= .
 lab: $(STAMP)
 	$(VENV)/bin/jupytext-config --settings-file $(LAB_OVERRIDES) set-default-viewer python

@@ -8,6 +8,7 @@ and only those, are drawn in the highlight colour on the page's index map. A mis
 
 import io
 import secrets
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -76,6 +77,7 @@ def test_the_explorer_page_in_chromium(tiny_phantom, reference, tmp_path, capsys
             explorer_page.open_page(page, server.url)
             kernels = process.children(recursive=True)
             assert kernels, "Voilà started no kernel"
+            assert pageserver.showing(server.token) == [], "the token is on a command line"
             assert "import" not in page.inner_text("body")  # the page shows no code
             assert page.locator(".cm-editor, .jp-CodeMirrorEditor").count() == 0
             first = explorer_page.image_png(page)
@@ -115,13 +117,16 @@ def test_make_lab_opens_a_script_as_a_notebook_with_live_widgets(tiny_phantom, r
     script = root / "notebooks" / explorer_page.APP.name
     script.write_bytes(explorer_page.APP.read_bytes())
     port, token = pageserver.free_port(), secrets.token_hex(24)
-    lab_args = f"--no-browser --port={port} --ServerApp.port_retries=0 --IdentityProvider.token={token}"
-    env = {explorer_page.DATA_ENV: str(tiny_phantom), explorer_page.CHECKPOINT_ENV: str(CHECKPOINT),
+    lab_args = f"--no-browser --port={port} --ServerApp.port_retries=0"
+    env = {pageserver.TOKEN_ENV: token,  # not on the command line, which `ps` shows every user
+           explorer_page.DATA_ENV: str(tiny_phantom), explorer_page.CHECKPOINT_ENV: str(CHECKPOINT),
            "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),  # not the user's own settings
            "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "run")}
     command = ["make", "-s", "-C", str(runner.REPO), "lab", f"LAB_DIR={root}", f"LAB_ARGS={lab_args}"]
     with open(tmp_path / "lab.log", "w") as log, pageserver.run_server(command, port, env=env, log=log), \
             pageserver.chromium() as browser:
+        with pytest.raises(urllib.error.HTTPError, match="403"):  # the server took the token from the environment
+            urllib.request.urlopen(f"http://{pageserver.HOST}:{port}/api/status", timeout=30)
         page = browser.new_page(viewport={"width": 1300, "height": 900})
         try:
             page.goto(f"http://{pageserver.HOST}:{port}/lab/tree/notebooks/{script.name}?token={token}")
@@ -132,6 +137,7 @@ def test_make_lab_opens_a_script_as_a_notebook_with_live_widgets(tiny_phantom, r
             page.click(".jp-CodeCell .jp-InputArea-editor")
             page.keyboard.press("Control+Enter")  # run the cell
             page.wait_for_selector(f"{explorer_page.IMAGE}[src]", timeout=120_000)
+            assert pageserver.showing(token) == [], "the token is on a command line"
             _assert_same_picture(explorer_page.image_png(page), explorer.render_png(explorer.view(start)))
             explorer_page.step_slider(page)
             _assert_same_picture(explorer_page.image_png(page), explorer.render_png(explorer.view(start + 1)))

@@ -1,11 +1,14 @@
-"""The explorer page's inputs and error text, without a browser (tests/test_browser.py drives the page)."""
+"""The explorer page's inputs, error text and token, without a browser (tests/test_browser.py drives the page)."""
 
 import json
+import urllib.error
+import urllib.request
 
 import ipywidgets
+import psutil
 import pytest
 
-from vqvae_lib import explorer_page, runner
+from vqvae_lib import explorer_page, pageserver, runner
 
 CHECKPOINT = runner.REPO / "checkpoints" / "default.pt"
 
@@ -32,3 +35,32 @@ def test_the_page_notebook_is_not_part_of_the_series(tmp_path):
     nb = json.loads(explorer_page.notebook(tmp_path).read_text())
     assert nb["metadata"]["kernelspec"]["name"] == runner.KERNEL
     assert any("explorer_page.app()" in "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # urlopen raises HTTPError with the redirect's status instead
+
+
+def _status(url: str) -> tuple[int, str]:
+    """The HTTP status of GET `url` (redirects not followed) and where a redirect points."""
+    try:
+        with urllib.request.build_opener(_NoRedirect).open(url, timeout=120) as answer:
+            answer.read()
+            return answer.status, ""
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Location", "")
+
+
+def test_the_page_needs_its_token_and_no_command_line_shows_it(tiny_phantom, tmp_path):
+    env = {explorer_page.DATA_ENV: str(tiny_phantom), explorer_page.CHECKPOINT_ENV: str(CHECKPOINT)}
+    with open(tmp_path / "voila.log", "w") as log, \
+            pageserver.serve(explorer_page.notebook(tmp_path), env=env, log=log) as server:
+        status, location = _status(server.base)
+        assert status in (302, 403) and (status == 403 or "/login" in location)
+        assert _status(f"{server.base}?token=wrong{server.token[5:]}")[0] in (302, 403)
+        assert _status(server.url) == (200, "")
+        kernels = psutil.Process(server.process.pid).children(recursive=True)
+        assert kernels, "the page started no kernel"
+        assert pageserver.showing(server.token) == []
+        assert server.token not in " ".join(server.process.args)

@@ -2,8 +2,10 @@
 
 `serve` starts Voilà bound to 127.0.0.1 on a free port with a random token, waits until it listens and, on
 leaving the `with` block (normally or by an exception), stops it and the kernels it started; `run_server` does
-the same for any server command (the tests start JupyterLab with it). `chromium` launches Debian's Chromium
-(/usr/bin/chromium) through Playwright; no browser is ever downloaded.
+the same for any server command (the tests start JupyterLab with it). The token reaches the server in its
+environment (JUPYTER_TOKEN, which Jupyter Server's IdentityProvider reads), never on its command line, which
+every local user can read with `ps`. `chromium` launches Debian's Chromium (/usr/bin/chromium) through
+Playwright; no browser is ever downloaded.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
 HOST = "127.0.0.1"
+TOKEN_ENV = "JUPYTER_TOKEN"
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL_CHROMIUM = "apt-get install -y --no-install-recommends chromium (Debian's package; `make test` runs this)"
 # Headless, and quiet on a closed network: without the background-networking flags Chromium keeps opening
@@ -55,11 +58,25 @@ def free_port(host: str = HOST) -> int:
         return s.getsockname()[1]
 
 
-def voila_command(notebook: Path, port: int, token: str) -> list[str]:
-    """The Voilà command line: loopback only, this port and no other, a token, no browser, no code shown."""
+def voila_command(notebook: Path, port: int) -> list[str]:
+    """The Voilà command line: loopback only, this port and no other, no browser, no code shown, and a token
+    required. The token is not on it: with `auto_token` Voilà takes the IdentityProvider's default, which is
+    $JUPYTER_TOKEN when set (`serve` sets it; Voilà makes up a random one otherwise)."""
     return [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--Voila.ip={HOST}",
-            f"--port={port}", "--Voila.port_retries=0", f"--token={token}", "--strip_sources=True",
+            f"--port={port}", "--Voila.port_retries=0", "--Voila.auto_token=True", "--strip_sources=True",
             "--show_tracebacks=False"]
+
+
+def showing(secret: str) -> list[psutil.Process]:
+    """The processes whose command line, as any local user sees it in `ps`, contains `secret`."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if any(secret in arg for arg in process.cmdline()):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
 
 
 def _listening(port: int) -> bool:
@@ -124,14 +141,15 @@ def run_server(command: list[str], port: int, *, env: dict[str, str] | None = No
 @contextmanager
 def serve(notebook: str | Path, *, port: int | None = None, env: dict[str, str] | None = None,
           log: IO | None = None, timeout: float = 120.0) -> Iterator[Server]:
-    """Serve `notebook` (.ipynb) with Voilà on 127.0.0.1 (port default: a free one) with a random token until
-    the block ends; yields the Server. env, log, timeout: see `run_server`."""
+    """Serve `notebook` (.ipynb) with Voilà on 127.0.0.1 (port default: a free one) with a random token (passed
+    in the server's environment) until the block ends; yields the Server. env, log, timeout: see `run_server`."""
     notebook = Path(notebook)
     if not notebook.is_file():
         raise FileNotFoundError(f"notebook {notebook} not found")
     port = free_port() if port is None else port
     token = secrets.token_hex(24)
-    with run_server(voila_command(notebook, port, token), port, env=env, log=log, timeout=timeout) as process:
+    env = {**(env or {}), TOKEN_ENV: token}
+    with run_server(voila_command(notebook, port), port, env=env, log=log, timeout=timeout) as process:
         yield Server(base=f"http://{HOST}:{port}/", token=token, process=process)
 
 
