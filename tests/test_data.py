@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
 import pickle
+import re
 import shutil
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import nibabel as nib
@@ -15,6 +20,7 @@ import pytest
 import torch
 
 from vqvae_lib import data as D
+from vqvae_lib import fileio
 from vqvae_lib.data import DataError
 
 SHAPE = (32, 16)
@@ -213,6 +219,65 @@ def test_nii_folder_without_single_file(tmp_path):
         D.read_nifti(tmp_path / "case_001_week_0_slice_0.nii")
 
 
+def write_header_only(path: Path, shape: tuple[int, ...], dtype, payload: bytes = bytes(64)) -> Path:
+    """A NIfTI file whose header declares `shape` and `dtype` but that holds only `payload` after the header."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_data_offset(352)
+    content = header.binaryblock + bytes(4) + payload  # 348 header bytes, 4 bytes of "no extensions"
+    path.write_bytes(gzip.compress(content) if path.name.endswith(".gz") else content)
+    return path
+
+
+HEADER_BOMB_SCRIPT = r"""
+import json, resource, sys
+from vqvae_lib import data as D
+
+# Allow this process 1 GB more address space than it has now: a read that allocates the 8.6 GB the header
+# declares fails with MemoryError instead of a DataError.
+with open("/proc/self/status") as status:
+    vm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm_kb * 1024 + 2**30, resource.RLIM_INFINITY))
+results = []
+for path in sys.argv[1:]:
+    try:
+        D.read_nifti(path)
+        results.append(["read", ""])
+    except Exception as e:
+        results.append([type(e).__name__, str(e)])
+print(json.dumps(results))
+"""
+
+
+def test_header_declaring_a_huge_slice_is_refused_before_reading(tmp_path):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc/self/status to set an address-space limit")
+    files = [write_header_only(tmp_path / name, (32767, 32767), np.float64) for name in ("bomb.nii.gz", "bomb.nii")]
+    done = subprocess.run([sys.executable, "-c", HEADER_BOMB_SCRIPT, *map(str, files)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(D.__file__).parents[1])})
+    assert done.returncode == 0, done.stderr
+    for path, (kind, message) in zip(files, json.loads(done.stdout)):
+        assert kind == "DataError", message
+        assert str(path) in message and "declares a 32767x32767 float64 array" in message
+
+
+@pytest.mark.parametrize("name, shape, dtype, message", [
+    ("wide.nii.gz", (32, D.MAX_SLICE_SIDE + 1), np.float32, "declares a 32x4097 float32 array, not a slice of 1..4096"),
+    ("complex.nii.gz", SHAPE, np.complex64, "declares a 32x16 complex64 array, expected real numbers"),
+    ("rgb.nii.gz", SHAPE, "RGB", r"declares a 32x16 \[\('R', 'u1'\).* array, expected real numbers"),
+    ("volume.nii.gz", (32, 16, 3, 1), np.float32, "holds an array of shape 32x16x3, expected a 2D slice"),
+    ("short.nii", SHAPE, np.float32, r"cannot read NIfTI file .*short\.nii: it holds 416 bytes but its header "
+                                     r"declares a 32x16 float32 array that needs 2400 bytes"),
+])
+def test_header_checks(tmp_path, name, shape, dtype, message):
+    path = write_header_only(tmp_path / name, shape, dtype)
+    with pytest.raises(DataError, match=message) as err:
+        D.read_nifti(path)
+    assert str(path) in str(err.value)
+    assert D.read_nifti(write_nifti(tmp_path / "ok.nii", np.ones((*SHAPE, 1), np.int16))).shape == SHAPE
+
+
 # ------------------------------------------------------------------------------------------- shape and scale
 
 
@@ -229,11 +294,11 @@ def test_fit_shape_policies():
     resized = D.fit_shape(a, (8, 12), "resize")
     assert resized.shape == (8, 12) and resized.dtype == np.float32
     assert a.min() <= resized.min() and resized.max() <= a.max()
-    with pytest.raises(DataError, match="4x6 differs from the working shape 8x12"):
+    with pytest.raises(DataError, match="4x6 differs from the working shape 8x12.*CLI: --shape-policy crop"):
         D.fit_shape(a, (8, 12), "error")
-    with pytest.raises(DataError, match="cannot crop 4x6 to 8x4"):
+    with pytest.raises(DataError, match=r"cannot crop 4x6 to 8x4.*\(CLI: --shape-policy pad\)"):
         D.fit_shape(a, (8, 4), "crop")
-    with pytest.raises(DataError, match="cannot pad 4x6 to 2x8"):
+    with pytest.raises(DataError, match=r"cannot pad 4x6 to 2x8.*\(CLI: --shape-policy crop\)"):
         D.fit_shape(a, (2, 8), "pad")
     with pytest.raises(ValueError, match="shape policy"):
         D.fit_shape(a, (8, 4), "stretch")
@@ -269,6 +334,20 @@ def test_normalize():
     assert scale == 1.0 and out.shape == (0, 4)
     with pytest.raises(ValueError):
         D.normalize(x, "zscore")
+
+
+def test_normalize_signed_slices():
+    signed = np.array([[-2.0, 0.0], [2.0, 6.0]], np.float32)
+    out, scale = D.normalize(signed, "minmax")
+    assert scale == 8.0 and out.tolist() == [[0.0, 0.25], [0.5, 1.0]]
+    out, scale = D.normalize(-np.array([[1.0, 3.0], [5.0, 9.0]], np.float32), "minmax")  # all negative
+    assert scale == 8.0 and out.tolist() == [[1.0, 0.75], [0.5, 0.0]]
+    out, scale = D.normalize(np.full((2, 2), -4.0, np.float32), "minmax")  # constant: no range to map
+    assert scale == 1.0 and not out.any()
+    out, scale = D.normalize(-np.ones((2, 2), np.float32))  # percentile: an all-negative slice turns black
+    assert scale == 1.0 and not out.any()
+    out, _ = D.normalize(signed, "none")
+    assert np.array_equal(out, signed)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -406,6 +485,66 @@ def test_check_patient_splits_ok(tree):
     assert D.check_patient_splits(tree) == {"train": [1, 2], "validate": [3], "test": [4]}
 
 
+ZSCORED, ALL_NEGATIVE = (2, 0, 1), (2, 1, 0)  # (case, week, slice) of the signed slices of make_signed_tree
+
+
+def make_signed_tree(root: Path) -> Path:
+    """make_tree without masks, with one z-scored train slice and one whose voxels are all negative."""
+    make_tree(root, masks=False)
+    rng = np.random.default_rng(5)
+    write_nifti(image_path(root, "train", *ZSCORED), rng.normal(0, 1, SHAPE).astype(np.float32))
+    write_nifti(image_path(root, "train", *ALL_NEGATIVE), -rng.uniform(1, 50, SHAPE).astype(np.float32))
+    return root
+
+
+def raw_image(root: Path, key: tuple[int, int, int]) -> np.ndarray:
+    return nib.load(str(image_path(root, "train", *key))).get_fdata().astype(np.float32)
+
+
+def expected_negative(root: Path) -> list[tuple[str, int, float]]:
+    return [(f"case_{c:03d}_week_{w}_slice_{z}", int((raw_image(root, (c, w, z)) < 0).sum()),
+             float(raw_image(root, (c, w, z)).min())) for c, w, z in (ZSCORED, ALL_NEGATIVE)]
+
+
+def test_negative_intensities_are_reported_and_survive_the_cache(tmp_path, caplog):
+    root = make_signed_tree(tmp_path / "data")
+    expected = expected_negative(root)
+    assert 0 < expected[0][1] < 512 and expected[1][1] == 512
+    names = ", ".join(name for name, _, _ in expected)
+    warning = (f"train: 2 slices hold negative intensities (min {min(e[2] for e in expected):.4g}): {names}; "
+               "normalization='percentile' clips them to 0: use normalization='minmax' (CLI: --normalization "
+               "minmax) for signed data")
+    for from_cache in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vqvae_lib.data"):
+            data = load(root)
+        assert data.from_cache == from_cache
+        assert data.negative == expected  # float32 minima survive the JSON sidecar exactly
+        assert caplog.text.count("negative intensities") == 1 and warning in caplog.text
+        assert not data.images[[f.name for f in data.files].index(expected[1][0])].any()  # clipped: all black
+    assert load(tree := make_tree(tmp_path / "plain", masks=False)).negative == []
+    assert load(tree).negative == []
+
+
+def test_minmax_and_none_keep_signed_slices(tmp_path, caplog):
+    root = make_signed_tree(tmp_path / "data")
+    with caplog.at_level(logging.WARNING, logger="vqvae_lib.data"):
+        data = load(root, normalization="minmax")
+    assert "normalization='minmax' maps each slice's min..max to 0..1" in caplog.text
+    names = [f.name for f in data.files]
+    for key, (name, _, _) in zip((ZSCORED, ALL_NEGATIVE), expected_negative(root)):
+        raw, row = raw_image(root, key), names.index(name)
+        np.testing.assert_allclose(data.images[row], (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-6)
+        assert data.images[row].min() == 0 and data.images[row].max() == 1
+        assert data.scales[row] == pytest.approx(raw.max() - raw.min())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vqvae_lib.data"):
+        kept = load(root, normalization="none", cache=False)
+    assert "normalization='none' keeps them" in caplog.text
+    row = names.index(expected_negative(root)[1][0])
+    np.testing.assert_array_equal(kept.images[row], raw_image(root, ALL_NEGATIVE))
+
+
 # ------------------------------------------------------------------------------------------- cache
 
 
@@ -474,6 +613,183 @@ def test_cache_dir_and_no_cache(tree, tmp_path):
     plain = load(tree, cache=False)
     assert not isinstance(plain.images, np.memmap) and not (tree / ".cache").exists()
     np.testing.assert_array_equal(plain.images, data.images)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def stale_temp(folder: Path, pid: int) -> Path:
+    """Name of a cache temp file of process pid on this host, as fileio.temp_name writes them."""
+    return folder / f".train-0123456789abcdef.{fileio.HOST}.{pid}.{uuid.uuid4().hex}.tmp"
+
+
+def test_next_load_removes_stale_temps_of_dead_processes_only(tree):
+    cache = tree / ".cache"
+    cache.mkdir()
+    stale, live = stale_temp(cache, dead_pid()), stale_temp(cache, os.getpid())
+    for path in (stale, live):
+        path.write_bytes(bytes(1000))
+    assert not load(tree).from_cache
+    assert not stale.exists() and live.exists()
+    stale.write_bytes(bytes(1000))
+    assert load(tree).from_cache and not stale.exists() and live.exists()  # a cache hit cleans up too
+
+
+def test_unusable_cache_folder_names_the_cli_flag(tree):
+    (tree / "file").write_text("x")
+    with pytest.raises(DataError, match=r"no writable cache folder among .*file/cache; pass cache=False "
+                                        r"\(CLI: --no-cache\)"):
+        load(tree, cache_dir=tree / "file" / "cache")
+
+
+# A child process mounts two tmpfs (SMALL_FS and BIG_FS) in a private mount namespace and loads the split of
+# make_tree with its cache on them in each scenario; the result of every load is checked here.
+SMALL_FS, BIG_FS = "16k", "512k"  # the cache of the train split needs about 45 kB
+DISK_FULL_SCENARIOS = {
+    "too_small": "the cache folder is too small for the cache from the start (free-space check)",
+    "fallocate": "the disk fills up right after the free-space check (posix_fallocate fails)",
+    "zeros": "as fallocate, on a system without posix_fallocate (writing zeros fails)",
+    "sidecar": "the disk fills up after the arrays are written, while the JSON sidecar is written",
+    "stale_temp": "a stale temp file of a killed build fills the disk (removed, then the cache is built)",
+}
+DISK_FULL_SCRIPT = r"""
+import errno, json, logging, os, shutil, sys
+from pathlib import Path
+import numpy as np
+from vqvae_lib import data as D
+
+root, out, small, big = map(Path, sys.argv[1:5])
+stale_name = sys.argv[5]
+messages = []
+handler = logging.Handler()
+handler.emit = lambda record: messages.append(record.getMessage())
+logging.getLogger("vqvae_lib.data").addHandler(handler)
+logging.getLogger("vqvae_lib.data").setLevel(logging.WARNING)
+
+
+def fill(path):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+
+
+def load(cache_dir):
+    return D.load_split(root, "train", shape=(32, 16), masks=True, cache_dir=cache_dir, progress=False)
+
+
+real_disk_usage, real_save_json, real_fallocate = shutil.disk_usage, D.save_json, os.posix_fallocate
+
+
+def fill_after_check(path):
+    usage = real_disk_usage(path)
+    fill(big / "filler")
+    return usage
+
+
+def fill_then_save_json(path, content):
+    fill(big / "filler")
+    real_save_json(path, content)
+
+
+results = {}
+for scenario in ("too_small", "fallocate", "zeros", "sidecar", "stale_temp"):
+    cache_dir = small if scenario == "too_small" else big / scenario
+    cache_dir.mkdir(exist_ok=True)
+    if scenario in ("fallocate", "zeros"):
+        shutil.disk_usage = fill_after_check
+    if scenario == "zeros":
+        del os.posix_fallocate
+    if scenario == "sidecar":
+        D.save_json = fill_then_save_json
+    if scenario == "stale_temp":
+        fill(cache_dir / stale_name)
+    messages.clear()
+    first = load(cache_dir)
+    np.savez(out / f"{scenario}.npz", images=first.images, masks=first.masks, scales=first.scales)
+    result = {"warnings": [m for m in messages if "cache" in m], "from_cache": first.from_cache,
+              "left": sorted(p.name for p in cache_dir.iterdir())}
+    shutil.disk_usage, D.save_json, os.posix_fallocate = real_disk_usage, real_save_json, real_fallocate
+    (big / "filler").unlink(missing_ok=True)
+    second, third = load(cache_dir), load(cache_dir)
+    result["later"] = [[data.from_cache, data.images.tobytes() == first.images.tobytes(),
+                        data.masks.tobytes() == first.masks.tobytes()] for data in (second, third)]
+    results[scenario] = result
+print(json.dumps(results))
+"""
+
+
+def tmpfs_prefix(probe: Path) -> list[str]:
+    """A command prefix that runs its command in a private mount namespace where it may mount a tmpfs."""
+    prefixes = [["unshare", "--mount", "--map-root-user"]]
+    if getattr(os, "geteuid", lambda: -1)() == 0:
+        prefixes.append(["unshare", "--mount"])
+    probe.mkdir()
+    for prefix in prefixes:
+        if shutil.which(prefix[0]) is None:
+            break
+        done = subprocess.run([*prefix, "sh", "-c", 'mount -t tmpfs -o size=16k tmpfs "$0"', str(probe)],
+                              capture_output=True)
+        if done.returncode == 0:
+            return prefix
+    pytest.skip("cannot mount a tmpfs in a private mount namespace (unshare --mount [--map-root-user] is missing "
+                "or not allowed here), and the full-disk tests need a really full file system")
+
+
+@pytest.fixture(scope="module")
+def disk_full(tmp_path_factory) -> dict:
+    """Run DISK_FULL_SCRIPT once; return its tree, mount points, process and per-scenario results."""
+    base = tmp_path_factory.mktemp("disk_full")
+    root, out, small, big = make_tree(base / "data"), base / "out", base / "small", base / "big"
+    for folder in (out, small, big):
+        folder.mkdir()
+    stale_name = stale_temp(Path(), dead_pid()).name
+    mounts = f'mount -t tmpfs -o size={SMALL_FS} tmpfs "$0" && mount -t tmpfs -o size={BIG_FS} tmpfs "$1"'
+    command = [*tmpfs_prefix(base / "probe"), "sh", "-c", mounts + ' && shift && exec "$@"', str(small), str(big),
+               sys.executable, "-c", DISK_FULL_SCRIPT, str(root), str(out), str(small), str(big), stale_name]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(D.__file__).parents[1])})
+    results = json.loads(done.stdout) if done.returncode == 0 else None
+    return {"root": root, "out": out, "small": small, "big": big, "done": done, "results": results}
+
+
+@pytest.mark.parametrize("scenario", list(DISK_FULL_SCENARIOS))
+def test_full_disk_falls_back_to_memory(disk_full, scenario):
+    done = disk_full["done"]
+    assert done.returncode != -7, "the load was killed by SIGBUS"
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = disk_full["results"][scenario]
+    reference = load(disk_full["root"], masks=True, cache=False)
+    arrays = np.load(disk_full["out"] / f"{scenario}.npz")
+    for name in ("images", "masks", "scales"):
+        assert arrays[name].tobytes() == getattr(reference, name).tobytes()
+    assert not result["from_cache"]
+    if scenario == "stale_temp":
+        assert result["warnings"] == [] and len(result["left"]) == 3 and not any(
+            name.endswith(".tmp") for name in result["left"])
+        assert result["later"] == [[True, True, True]] * 2
+        return
+    folder = disk_full["small"] if scenario == "too_small" else disk_full["big"] / scenario
+    (warning,) = result["warnings"]
+    if scenario == "too_small":
+        problem = rf"not enough space in {re.escape(str(folder))} for the cache of train \(needs [\d.]+ kB, 16.4 kB "
+    else:
+        problem = (rf"cannot write the cache of train in {re.escape(str(folder))}: \[Errno 28\] No space left on "
+                   rf"device \(needs [\d.]+ kB, [\d.]+ (kB|bytes) ")
+    assert re.fullmatch(problem + r"free\): decoding without a cache \(pass cache_dir=\.\.\. or free space; "
+                                  r"--no-cache skips the cache\)", warning), warning
+    assert result["left"] == []  # no temp files, no arrays without a sidecar
+    # Later loads on the same folder: still into memory where it is too small, else they build and use the cache.
+    assert result["later"] == ([[False, True, True]] * 2 if scenario == "too_small" else
+                               [[False, True, True], [True, True, True]])
 
 
 # ------------------------------------------------------------------------------------------- PyTorch
@@ -564,3 +880,15 @@ def test_inspect_problems_across_splits(tmp_path):
     assert "no mask folder" in D.format_inspect(report)
     with pytest.raises(DataError, match="does not exist"):
         D.inspect(tmp_path / "nowhere")
+
+
+def test_inspect_reports_negative_intensities(tmp_path):
+    root = make_signed_tree(tmp_path / "data")
+    report = D.inspect(root, progress=False)
+    expected = expected_negative(root)
+    (problem,) = report["splits"]["train"]["problems"]
+    assert problem == (f"2 slices hold negative intensities (min {min(e[2] for e in expected):.4g}): "
+                       f"{expected[0][0]}, {expected[1][0]}; the default normalization='percentile' clips them to "
+                       "0: use normalization='minmax' (CLI: --normalization minmax) for signed data")
+    text = D.format_inspect(report)
+    assert "no problems found" not in text and "1 problem found" in text

@@ -8,10 +8,13 @@ Layout (the download, or the synthetic phantom that writes the same)::
 Decisions a reader should know about:
 
 - **Intensities.** Slices hold non-negative scanner intensities (hundreds, with no fixed range between scans).
-  Each slice is scaled to [0, 1] on its own (default: divide by its 99.5th percentile and clip), so every slice
-  uses the full range that SSIM (data range 1) expects, a few hot voxels cannot squash
+  Each slice is scaled to [0, 1] on its own (default "percentile": divide by its 99.5th percentile and clip), so
+  every slice uses the full range that SSIM (data range 1) expects, a few hot voxels cannot squash
   the rest of the slice to black, and 0 (background) stays 0. The scale is kept (`SplitData.scales`) so an
-  image can be mapped back to scanner units.
+  image can be mapped back to scanner units. Negative values (z-scored or bias-corrected data) do not fit this:
+  "percentile" clips them to 0 and turns an all-negative slice black. So every slice holding them is reported
+  (`SplitData.negative`, one warning, and a problem in `inspect`); signed data should use "minmax", which maps
+  each slice's min..max to 0..1, while "none" keeps the values as they are.
 - **Shapes.** Most slices are 256x128; the 60 slices of case 019 week 1 are 256x144. Every slice whose shape
   differs from the working shape goes through a policy, is reported (one warning, and `SplitData.reshaped`) and
   never silently mixed. The default "crop" takes 8 columns off each side of the 144-long axis: it loses only the
@@ -21,7 +24,10 @@ Decisions a reader should know about:
   ``.npy`` file per kind (images, masks) plus a JSON sidecar, and later opened as a read-only memory map in well
   under a second. The file name carries a hash of every file's path, size and modification time and of all
   options, so changed data or options give a new cache. Old cache files are left in place (delete the cache
-  folder to reclaim the space); note that loading with and without masks caches the images twice. The first
+  folder to reclaim the space); note that loading with and without masks caches the images twice. The free
+  space is checked and the files' blocks reserved before the decode writes to them, so a full disk gives one
+  warning and a split decoded into memory, never a crash (SIGBUS) in the middle of a memory-mapped write; temp
+  files of killed builds are removed by the next cached load. The first
   decode runs in worker threads (one per core by default): decompression and most of the array work release
   the GIL, and threads, unlike processes, need no `if __name__ == "__main__"` guard in a user's script.
 """
@@ -29,19 +35,22 @@ Decisions a reader should know about:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import shutil
 import stat
 import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -52,7 +61,7 @@ from skimage.transform import resize
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .fileio import save_json, temp_name
+from .fileio import remove_stale_temps, save_json, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +71,22 @@ WORK_SHAPE = (256, 128)
 SHAPE_POLICIES = ("crop", "pad", "resize", "error")
 NORMALIZATIONS = ("percentile", "minmax", "none")
 ON_ERROR = ("raise", "skip")
-CACHE_VERSION = "hipmri-slices-cache-v1"
+CACHE_VERSION = "hipmri-slices-cache-v2"
+MAX_SLICE_SIDE = 4096  # read_nifti refuses larger headers before reading (real slices are 256x128 or 256x144)
 PERCENTILE_SAMPLE_STEP = 16  # inspect() estimates percentiles from every 16th voxel of each slice
 
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
 _PAST = {"crop": "cropped", "pad": "padded", "resize": "resized"}
 _SHOW = 5  # names shown in warnings and problem lists
+_NO_FALLOCATE = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)  # file systems without posix_fallocate
+_ZERO_CHUNK = 1 << 20  # bytes written at a time where blocks are reserved by writing zeros
+_SIDECAR_BYTES_PER_SLICE = 128  # estimate of the JSON sidecar's size
+_SIGNED_HINT = "use normalization='minmax' (CLI: --normalization minmax) for signed data"
+_NEGATIVE_HANDLING = {
+    "percentile": f"normalization='percentile' clips them to 0: {_SIGNED_HINT}",
+    "minmax": "normalization='minmax' maps each slice's min..max to 0..1 (the policy for signed data)",
+    "none": "normalization='none' keeps them",
+}
 
 
 class DataError(ValueError):
@@ -104,6 +123,7 @@ class SplitData:
     scales: (N,) float32, per-slice normalisation scale (image * scale gives scanner units for "percentile")
     reshaped: (name, original shape, action such as "crop 256x144 -> 256x128") per slice that was fitted
     skipped: (name, reason) per file left out with on_error="skip"
+    negative: (name, number of negative voxels, min value) per slice whose file holds negative intensities
     """
 
     split: str
@@ -113,6 +133,7 @@ class SplitData:
     scales: np.ndarray
     reshaped: list[tuple[str, tuple[int, int], str]]
     skipped: list[tuple[str, str]]
+    negative: list[tuple[str, int, float]]
     from_cache: bool
 
     def __len__(self) -> int:
@@ -280,24 +301,54 @@ def _shape_str(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape)
 
 
+def _without_trailing_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _check_header(path: Path, image: nib.spatialimages.SpatialImage) -> None:
+    """Refuse, before any data is read, a header that declares something other than a 2D slice of real numbers
+    of 1..MAX_SLICE_SIDE voxels a side, or (uncompressed .nii) more data than the file holds."""
+    shape, dtype = tuple(int(s) for s in image.shape), np.dtype(image.get_data_dtype())
+    squeezed = _without_trailing_ones(shape)
+    if len(squeezed) != 2:
+        raise DataError(f"{path} holds an array of shape {_shape_str(squeezed)}, expected a 2D slice")
+    declared = f"{_shape_str(shape)} {dtype}"
+    if not 1 <= min(squeezed) <= max(squeezed) <= MAX_SLICE_SIDE:
+        raise DataError(f"{path}: its header declares a {declared} array, not a slice of 1..{MAX_SLICE_SIDE} "
+                        "voxels a side (a damaged or foreign file)")
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise DataError(f"{path}: its header declares a {declared} array, expected real numbers (not complex "
+                        "or RGB values)")
+    if path.suffix == ".nii":
+        need = int(image.dataobj.offset) + math.prod(shape) * dtype.itemsize  # img.header has the offset reset
+        size = path.stat().st_size
+        if size < need:
+            raise DataError(f"cannot read NIfTI file {path}: it holds {size} bytes but its header declares a "
+                            f"{declared} array that needs {need} bytes")
+
+
 def read_nifti(path: str | Path, kind: str = "image") -> np.ndarray:
     """Read one 2D slice: kind "image" -> (H, W) float32, kind "mask" -> (H, W) uint8 labels 0..5.
 
     Trailing singleton axes are dropped (256x128x1 -> 256x128). Unreadable files, other shapes, NaN/inf images
-    and masks with values other than the integers 0..5 raise DataError naming the file.
+    and masks with values other than the integers 0..5 raise DataError naming the file. The header is checked
+    before any data is read (see `_check_header`), so a damaged header cannot make this allocate gigabytes.
     """
     if kind not in ("image", "mask"):
         raise ValueError(f"kind must be 'image' or 'mask', not {kind!r}")
     path = _nifti_file(Path(path))
     try:
-        # mmap=False and asanyarray force the full read here (nibabel loads lazily).
-        data = np.asanyarray(nib.load(path, mmap=False).dataobj)
+        image = nib.load(path, mmap=False)  # reads the header only: nibabel loads the data lazily
     except _READ_ERRORS as e:
         raise DataError(f"cannot read NIfTI file {path}: {e}") from e
-    while data.ndim > 2 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 2:
-        raise DataError(f"{path} holds an array of shape {_shape_str(data.shape)}, expected a 2D slice")
+    _check_header(path, image)
+    try:
+        data = np.asanyarray(image.dataobj)  # the full read (mmap=False: no map of the file left open)
+    except _READ_ERRORS as e:
+        raise DataError(f"cannot read NIfTI file {path}: {e}") from e
+    data = data.reshape(data.shape[:2])  # _check_header made sure the other axes are 1
     if kind == "image":
         bad = np.count_nonzero(~np.isfinite(data))
         if bad:
@@ -327,15 +378,18 @@ def fit_shape(array: np.ndarray, target: tuple[int, int], policy: str, *, is_mas
     if array.ndim != 2:
         raise DataError(f"cannot fit an array of shape {have} to {want}: it is not 2D")
     if policy == "error":
-        raise DataError(f"slice shape {have} differs from the working shape {want} (shape_policy='error')")
+        raise DataError(f"slice shape {have} differs from the working shape {want} (shape_policy='error'); "
+                        "use shape_policy='crop', 'pad' or 'resize' (CLI: --shape-policy crop)")
     if policy == "crop":
         if any(s < t for s, t in zip(array.shape, target)):
-            raise DataError(f"cannot crop {have} to {want}: the slice is smaller; use shape_policy='pad' or 'resize'")
+            raise DataError(f"cannot crop {have} to {want}: the slice is smaller; use shape_policy='pad' or "
+                            "'resize' (CLI: --shape-policy pad)")
         top, left = ((s - t) // 2 for s, t in zip(array.shape, target))
         return array[top:top + target[0], left:left + target[1]]
     if policy == "pad":
         if any(s > t for s, t in zip(array.shape, target)):
-            raise DataError(f"cannot pad {have} to {want}: the slice is larger; use shape_policy='crop' or 'resize'")
+            raise DataError(f"cannot pad {have} to {want}: the slice is larger; use shape_policy='crop' or "
+                            "'resize' (CLI: --shape-policy crop)")
         return np.pad(array, [((t - s) // 2, t - s - (t - s) // 2) for s, t in zip(array.shape, target)])
     if is_mask:
         out = resize(array, target, order=0, anti_aliasing=False, preserve_range=True)
@@ -347,9 +401,10 @@ def fit_shape(array: np.ndarray, target: tuple[int, int], policy: str, *, is_mas
 def normalize(image: np.ndarray, method: str = "percentile") -> tuple[np.ndarray, float]:
     """Scale one slice (H, W) of scanner intensities to [0, 1]; return (float32 image, scale).
 
-    percentile: image / p99.5, clipped to [0, 1]; minmax: (image - min) / (max - min), scale = max - min;
-    none: unchanged, scale 1. A slice without a positive scale (all zero, constant for minmax, empty) gives
-    zeros and scale 1.
+    percentile: image / p99.5, clipped to [0, 1] (negative values become 0, an all-negative slice all 0);
+    minmax: (image - min) / (max - min), scale = max - min, the policy for signed data; none: unchanged, scale 1.
+    A slice without a positive scale (all zero or all negative for percentile, constant for minmax, empty)
+    gives zeros and scale 1.
     """
     if method not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, not {method!r}")
@@ -387,13 +442,27 @@ def _mask_path(f: SliceFile, seg: dict[tuple[int, int, int], SliceFile] | None, 
     return found.path if found is not None else seg_dir / f"seg_{f.case:03d}_week_{f.week}_slice_{f.index}.nii.gz"
 
 
-def _decode_one(f: SliceFile, mask_path: Path | None, shape: tuple[int, int], policy: str,
-                normalization: str) -> tuple[np.ndarray, np.ndarray | None, float, tuple[int, int]]:
-    """Decode image f and, when given, its mask at mask_path (DataError if that file does not exist).
+class _Decoded(NamedTuple):
+    """One decoded slice; negative is (negative voxels, min) when the file holds negative intensities."""
 
-    Returns (image (H, W) float32, mask (H, W) uint8 or None, scale, shape of the file's slice).
-    """
+    image: np.ndarray  # (H, W) float32
+    mask: np.ndarray | None  # (H, W) uint8
+    scale: float
+    original: tuple[int, int]  # the file's (H, W)
+    negative: tuple[int, float] | None
+
+
+def _negative(image: np.ndarray) -> tuple[int, float] | None:
+    """(number of negative voxels, min) of image (H, W), or None when it has none."""
+    low = float(image.min())
+    return (int(np.count_nonzero(image < 0)), low) if low < 0 else None
+
+
+def _decode_one(f: SliceFile, mask_path: Path | None, shape: tuple[int, int], policy: str,
+                normalization: str) -> _Decoded:
+    """Decode image f and, when given, its mask at mask_path (DataError if that file does not exist)."""
     image = read_nifti(f.path, "image")
+    negative = _negative(image)
     mask = None
     if mask_path is not None:
         if not mask_path.exists():
@@ -411,11 +480,11 @@ def _decode_one(f: SliceFile, mask_path: Path | None, shape: tuple[int, int], po
         except DataError as e:
             raise DataError(f"{f.path}: {e}") from e
     image, scale = normalize(image, normalization)
-    return image, mask, scale, original
+    return _Decoded(image, mask, scale, original, negative)
 
 
 def _decode_or_error(job: tuple[SliceFile, Path | None], shape: tuple[int, int], policy: str, normalization: str
-                     ) -> tuple[np.ndarray, np.ndarray | None, float, tuple[int, int]] | str:
+                     ) -> _Decoded | str:
     """`_decode_one` of job = (image file, mask path or None), a DataError returned as its message."""
     try:
         return _decode_one(*job, shape, policy, normalization)
@@ -429,7 +498,7 @@ def decode_workers() -> int:
 
 
 def _decode_all(jobs: list[tuple[SliceFile, Path | None]], workers: int, shape: tuple[int, int], policy: str,
-                normalization: str) -> Iterator[tuple[np.ndarray, np.ndarray | None, float, tuple[int, int]] | str]:
+                normalization: str) -> Iterator[_Decoded | str]:
     """`_decode_or_error` of every job, in order, in `workers` threads (1: in this one)."""
     decode = partial(_decode_or_error, shape=shape, policy=policy, normalization=normalization)
     if workers <= 1:
@@ -442,7 +511,14 @@ def _decode_all(jobs: list[tuple[SliceFile, Path | None]], workers: int, shape: 
         pool.shutdown(cancel_futures=True)
 
 
-def _log_summary(data: SplitData) -> None:
+def _negative_text(negative: list[tuple[str, int, float]]) -> str:
+    """E.g. "2 slices hold negative intensities (min -3.1): case_001_week_0_slice_0, ..."."""
+    low = min(value for _, _, value in negative)
+    return (f"{_plural(len(negative), 'slice')} {'holds' if len(negative) == 1 else 'hold'} negative intensities "
+            f"(min {low:.4g}): {_names([name for name, _, _ in negative])}")
+
+
+def _log_summary(data: SplitData, normalization: str) -> None:
     if data.reshaped:
         groups: dict[tuple[tuple[int, int], str], list[str]] = defaultdict(list)
         for name, original, action in data.reshaped:
@@ -454,6 +530,8 @@ def _log_summary(data: SplitData) -> None:
     if data.skipped:
         log.warning("%s: skipped %d bad files: %s", data.split, len(data.skipped),
                     _names([name for name, _ in data.skipped]))
+    if data.negative:
+        log.warning("%s: %s; %s", data.split, _negative_text(data.negative), _NEGATIVE_HANDLING[normalization])
 
 
 def _fingerprint(path: str | Path, rel: str) -> list[tuple[str, int, int]]:
@@ -483,7 +561,8 @@ def _cache_folder(data_root: Path, cache_dir: str | Path | None) -> Path:
             continue
         if os.access(folder, os.W_OK):
             return folder
-    raise DataError(f"no writable cache folder among {', '.join(map(str, candidates))}; pass cache=False")
+    raise DataError(f"no writable cache folder among {', '.join(map(str, candidates))}; "
+                    "pass cache=False (CLI: --no-cache)")
 
 
 def _cache_paths(stem: Path) -> tuple[Path, Path, Path]:
@@ -506,12 +585,13 @@ def _load_cache(stem: Path, key: str, split: str, files: list[SliceFile], masks:
         mask_array = np.load(masks_path, mmap_mode=mmap_mode) if masks else None
         if images.shape[0] != len(kept) or (mask_array is not None and mask_array.shape != images.shape):
             raise ValueError("array and file list sizes differ")
+        return SplitData(split, kept, images, mask_array, np.asarray(meta["scales"], dtype=np.float32),
+                         [(name, tuple(original), action) for name, original, action in meta["reshaped"]],
+                         [tuple(item) for item in meta["skipped"]],
+                         [(name, int(count), float(low)) for name, count, low in meta["negative"]], from_cache=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("ignoring unusable cache %s (%s); rebuilding", meta_path, e)
         return None
-    return SplitData(split, kept, images, mask_array, np.asarray(meta["scales"], dtype=np.float32),
-                     [(name, tuple(original), action) for name, original, action in meta["reshaped"]],
-                     [tuple(item) for item in meta["skipped"]], from_cache=True)
 
 
 def _shrink(array: np.ndarray, n: int, allocate: Callable[..., np.ndarray]) -> np.ndarray:
@@ -522,6 +602,218 @@ def _shrink(array: np.ndarray, n: int, allocate: Callable[..., np.ndarray]) -> n
     for start in range(0, n, 1024):
         out[start:start + 1024] = array[start:min(start + 1024, n)]
     return out
+
+
+@dataclass(frozen=True)
+class _Options:
+    """What a decoded split depends on besides its files; all of it goes into the cache key."""
+
+    shape: tuple[int, int]
+    shape_policy: str
+    normalization: str
+    masks: bool
+    on_error: str
+
+
+class _CacheTarget(NamedTuple):
+    """Where a build writes its cache: the files' common stem, the key stored in the sidecar, and how the
+    finished arrays are reopened (np.load's mmap_mode)."""
+
+    stem: Path
+    key: str
+    mmap_mode: str | None
+
+
+class _CacheWriteError(Exception):
+    """A cache file could not be created, filled, moved or written; the OSError is the __cause__."""
+
+
+def _size(n: int) -> str:
+    """A byte count for people: "236 MB", "12.3 kB", "0 bytes"."""
+    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= factor:
+            return f"{round(n / factor, 1):g} {unit}"
+    return f"{n} bytes"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Bytes free in the file system of folder, or None when that cannot be told."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _cache_bytes(n: int, shape: tuple[int, int], masks: bool) -> int:
+    """Disk space a cache of n slices needs: float32 images, uint8 masks, .npy headers and the JSON sidecar."""
+    return n * (shape[0] * shape[1] * (4 + masks) + _SIDECAR_BYTES_PER_SLICE) + 3 * 4096
+
+
+def _warn_no_cache(problem: str, needed: int, free: int | None) -> None:
+    space = f"needs {_size(needed)}" + (f", {_size(free)} free" if free is not None else "")
+    log.warning("%s (%s): decoding without a cache (pass cache_dir=... or free space; --no-cache skips the cache)",
+                problem, space)
+
+
+def _remove(paths: Iterable[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def _reserve(f: BinaryIO, start: int, length: int) -> None:
+    """Allocate bytes start..start + length of the open file f on disk, as zeros.
+
+    Writes through a memory map that find the disk full kill the process (SIGBUS); with the blocks reserved
+    first, a full disk raises OSError (ENOSPC) here instead.
+    """
+    if length <= 0:
+        return
+    f.flush()
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(f.fileno(), start, length)
+            return
+        except OSError as e:
+            if e.errno not in _NO_FALLOCATE:
+                raise
+    f.seek(start)
+    zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))
+    for done in range(0, length, len(zeros)):
+        f.write(zeros[:length - done])
+    f.flush()
+
+
+def _new_npy(path: Path, shape: tuple[int, ...], dtype: type) -> np.memmap:
+    """Create the .npy file `path` for an array of `shape` and `dtype`, its blocks reserved (see `_reserve`), and
+    return it memory-mapped for writing."""
+    dtype = np.dtype(dtype)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+        _reserve(f, f.tell(), math.prod(shape) * dtype.itemsize)
+    return np.lib.format.open_memmap(path, mode="r+")
+
+
+def _flushed(*arrays: np.memmap | None) -> list[Path]:
+    """Flush the memory-mapped .npy arrays given (None: left out); return their files."""
+    for array in arrays:
+        if array is not None:
+            array.flush()
+    return [Path(array.filename) for array in arrays if array is not None]
+
+
+def _publish(sources: list[Path], stem: Path, meta: dict[str, Any]) -> None:
+    """Move the filled temp arrays (images[, masks]) to the cache paths of stem, then write the sidecar.
+
+    The sidecar goes last: arrays without it are never used, so an interrupted build cannot look valid. On
+    OSError the arrays already moved are removed (they would only take space) and the error is raised.
+    """
+    images_path, masks_path, meta_path = _cache_paths(stem)
+    targets = [images_path, masks_path][:len(sources)]
+    try:
+        for source, target in zip(sources, targets):
+            os.replace(source, target)
+        save_json(meta_path, meta)
+    except OSError:
+        _remove(targets)
+        raise
+
+
+def _decode_into(images: np.ndarray, mask_array: np.ndarray | None, jobs: list[tuple[SliceFile, Path | None]],
+                 options: _Options, workers: int, progress: bool, split: str
+                 ) -> tuple[list[SliceFile], list[float], list[tuple[str, tuple[int, int], str]],
+                            list[tuple[str, str]], list[tuple[str, int, float]]]:
+    """Decode jobs (image file, mask path or None) into the first rows of images (N, H, W) [and mask_array
+    (N, H, W)], in order; bad files raise DataError, or with on_error="skip" are left out.
+
+    Returns (kept files, scales, reshaped, skipped, negative) as in SplitData.
+    """
+    kept, scales, reshaped, skipped, negative = [], [], [], [], []
+    files = [f for f, _ in jobs]
+    with contextlib.closing(_decode_all(jobs, workers, options.shape, options.shape_policy,
+                                        options.normalization)) as decoded:
+        for f, result in zip(tqdm(files, desc=f"decoding {split}", unit="slice", disable=not progress), decoded):
+            if isinstance(result, str):
+                if options.on_error == "raise":
+                    raise DataError(result)
+                skipped.append((f.name, result))
+                continue
+            images[len(kept)] = result.image
+            if mask_array is not None:
+                mask_array[len(kept)] = result.mask
+            if result.original != options.shape:
+                reshaped.append((f.name, result.original, f"{options.shape_policy} {_shape_str(result.original)} "
+                                                          f"-> {_shape_str(options.shape)}"))
+            if result.negative is not None:
+                negative.append((f.name, *result.negative))
+            scales.append(result.scale)
+            kept.append(f)
+    if not kept:
+        raise DataError(f"all {len(files)} files in {files[0].path.parent} are bad; the first: {skipped[0][1]}")
+    return kept, scales, reshaped, skipped, negative
+
+
+def _build(split: str, jobs: list[tuple[SliceFile, Path | None]], options: _Options, workers: int, progress: bool,
+           target: _CacheTarget | None) -> SplitData:
+    """Decode jobs into a SplitData: into memory, or with a target into temp .npy files in the cache folder that
+    then become the cache (so the split is never in RAM twice).
+
+    Raises _CacheWriteError, leaving no cache file behind, when a cache file cannot be written.
+    """
+    temps: list[Path] = []
+
+    def allocate(rows_shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        if target is None:
+            return np.empty(rows_shape, dtype)
+        temps.append(temp_name(target.stem))
+        try:
+            return _new_npy(temps[-1], rows_shape, dtype)
+        except OSError as e:
+            raise _CacheWriteError(e) from e
+
+    try:
+        rows = (len(jobs), *options.shape)
+        images = allocate(rows, np.float32)
+        mask_array = allocate(rows, np.uint8) if options.masks else None
+        kept, scales, reshaped, skipped, negative = _decode_into(images, mask_array, jobs, options, workers,
+                                                                 progress, split)
+        images = _shrink(images, len(kept), allocate)
+        mask_array = _shrink(mask_array, len(kept), allocate) if mask_array is not None else None
+        scales = np.asarray(scales, dtype=np.float32)
+        if target is not None:
+            meta = {"key": target.key, "split": split, "names": [f.name for f in kept], "scales": scales.tolist(),
+                    "reshaped": reshaped, "skipped": skipped, "negative": negative}
+            try:
+                sources = _flushed(images, mask_array)
+                images = mask_array = None  # unmap before moving the files (Windows cannot move mapped files)
+                _publish(sources, target.stem, meta)
+            except OSError as e:
+                raise _CacheWriteError(e) from e
+            images_path, masks_path, _ = _cache_paths(target.stem)
+            images = np.load(images_path, mmap_mode=target.mmap_mode)
+            mask_array = np.load(masks_path, mmap_mode=target.mmap_mode) if options.masks else None
+    finally:
+        _remove(temps)
+    return SplitData(split, kept, images, mask_array, scales, reshaped, skipped, negative, from_cache=False)
+
+
+def _build_cached(split: str, jobs: list[tuple[SliceFile, Path | None]], options: _Options, workers: int,
+                  progress: bool, target: _CacheTarget) -> SplitData:
+    """`_build` into the cache `target`; into memory, after one warning, when the cache folder has too little
+    free space or a cache file cannot be written (such as a disk that fills up during the build)."""
+    folder = target.stem.parent
+    needed = _cache_bytes(len(jobs), options.shape, options.masks)
+    free = _free_bytes(folder)
+    if free is not None and free < needed:
+        _warn_no_cache(f"not enough space in {folder} for the cache of {split}", needed, free)
+    else:
+        try:
+            return _build(split, jobs, options, workers, progress, target)
+        except _CacheWriteError as e:
+            _warn_no_cache(f"cannot write the cache of {split} in {folder}: {e.__cause__}", needed,
+                           _free_bytes(folder))
+    return _build(split, jobs, options, workers, progress, None)
 
 
 def load_split(root: str | Path, split: str = "train", *, shape: tuple[int, int] = WORK_SHAPE,
@@ -543,7 +835,7 @@ def load_split(root: str | Path, split: str = "train", *, shape: tuple[int, int]
     _check_choice("shape_policy", shape_policy, SHAPE_POLICIES)
     _check_choice("normalization", normalization, NORMALIZATIONS)
     _check_choice("on_error", on_error, ON_ERROR)
-    shape = (int(shape[0]), int(shape[1]))
+    options = _Options((int(shape[0]), int(shape[1])), shape_policy, normalization, masks, on_error)
     dirs = find_split_dirs(root)
     data_root = _data_root(dirs)
     image_name, seg_name = split_folders(split)
@@ -559,76 +851,22 @@ def load_split(root: str | Path, split: str = "train", *, shape: tuple[int, int]
             raise DataError(f"masks=True but the mask folder {data_root / seg_name} "
                             "does not exist")
         seg = {(f.case, f.week, f.index): f for f in list_slices(seg_dir, "seg")}
+    jobs = [(f, _mask_path(f, seg, seg_dir)) for f in files]
+    workers = decode_workers() if workers is None else workers
 
-    stem, mmap_mode = None, "r" if memory_map else None
-    if cache:
-        options = {"shape": list(shape), "shape_policy": shape_policy, "normalization": normalization,
-                   "masks": masks, "on_error": on_error}
-        key = _cache_key(split, files, seg.values() if seg else [], options)
-        stem = _cache_folder(data_root, cache_dir) / f"{split}-{key[:16]}"
-        cached = _load_cache(stem, key, split, files, masks, mmap_mode)
-        if cached is not None:
-            log.info("loaded %s (%d slices) from cache %s", split, len(cached), stem.parent)
-            _log_summary(cached)
-            return cached
-
-    temp_files: list[Path] = []
-
-    def allocate(rows_shape: tuple[int, ...], dtype: type) -> np.ndarray:
-        # Cached builds write straight to a temp .npy in the cache folder so the split is never in RAM twice.
-        if stem is None:
-            return np.empty(rows_shape, dtype)
-        temp_files.append(temp_name(stem))
-        return np.lib.format.open_memmap(temp_files[-1], mode="w+", dtype=dtype, shape=rows_shape)
-
-    try:
-        images = allocate((len(files), *shape), np.float32)
-        mask_array = allocate((len(files), *shape), np.uint8) if masks else None
-        kept, scales, reshaped, skipped = [], [], [], []
-        workers = decode_workers() if workers is None else workers
-        jobs = [(f, _mask_path(f, seg, seg_dir)) for f in files]
-        with contextlib.closing(_decode_all(jobs, workers, shape, shape_policy, normalization)) as decoded:
-            for f, result in zip(tqdm(files, desc=f"decoding {split}", unit="slice", disable=not progress), decoded):
-                if isinstance(result, str):
-                    if on_error == "raise":
-                        raise DataError(result)
-                    skipped.append((f.name, result))
-                    continue
-                image, mask, scale, original = result
-                images[len(kept)] = image
-                if mask_array is not None:
-                    mask_array[len(kept)] = mask
-                if original != shape:
-                    reshaped.append((f.name, original,
-                                     f"{shape_policy} {_shape_str(original)} -> {_shape_str(shape)}"))
-                scales.append(scale)
-                kept.append(f)
-        if not kept:
-            raise DataError(f"all {len(files)} files in {image_dir} are bad; the first: {skipped[0][1]}")
-        images = _shrink(images, len(kept), allocate)
-        mask_array = _shrink(mask_array, len(kept), allocate) if mask_array is not None else None
-        scales = np.asarray(scales, dtype=np.float32)
-        if stem is not None:
-            images_path, masks_path, meta_path = _cache_paths(stem)
-            moves = [(images, images_path)] + ([(mask_array, masks_path)] if masks else [])
-            for array, _ in moves:
-                array.flush()
-            moves = [(array.filename, path) for array, path in moves]
-            images = mask_array = array = None  # unmap before moving the files (Windows cannot move mapped files)
-            for temp, path in moves:
-                os.replace(temp, path)
-            # The sidecar goes last: arrays without it are never used, so an interrupted build cannot look valid.
-            save_json(meta_path, {
-                "key": key, "split": split, "names": [f.name for f in kept], "scales": scales.tolist(),
-                "reshaped": reshaped, "skipped": skipped})
-            images = np.load(images_path, mmap_mode=mmap_mode)
-            mask_array = np.load(masks_path, mmap_mode=mmap_mode) if masks else None
-    finally:
-        for path in temp_files:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-    data = SplitData(split, kept, images, mask_array, scales, reshaped, skipped, from_cache=False)
-    _log_summary(data)
+    if not cache:
+        data = _build(split, jobs, options, workers, progress, None)
+    else:
+        folder = _cache_folder(data_root, cache_dir)
+        remove_stale_temps(folder)
+        key = _cache_key(split, files, seg.values() if seg else [], asdict(options))
+        target = _CacheTarget(folder / f"{split}-{key[:16]}", key, "r" if memory_map else None)
+        data = _load_cache(target.stem, key, split, files, masks, target.mmap_mode)
+        if data is not None:
+            log.info("loaded %s (%d slices) from cache %s", split, len(data), folder)
+        else:
+            data = _build_cached(split, jobs, options, workers, progress, target)
+    _log_summary(data, normalization)
     return data
 
 
@@ -712,6 +950,7 @@ def _inspect_split(image_dir: Path, seg_dir: Path | None, split: str, progress: 
     count, mean, m2, low, high = 0, 0.0, 0.0, np.inf, -np.inf
     samples = []
     image_shapes = {}
+    negative = []
     for f in tqdm(images, desc=f"inspecting {split} images", unit="slice", disable=not progress):
         try:
             x = read_nifti(f.path, "image")
@@ -727,6 +966,11 @@ def _inspect_split(image_dir: Path, seg_dir: Path | None, split: str, progress: 
         mean, m2, count = mean + delta * n / total, m2 + x_m2 + delta ** 2 * count * n / total, total
         low, high = min(low, float(x.min())), max(high, float(x.max()))
         samples.append(x.ravel()[::PERCENTILE_SAMPLE_STEP])
+        found = _negative(x)
+        if found is not None:
+            negative.append((f.name, *found))
+    if negative:
+        problems.append(f"{_negative_text(negative)}; the default {_NEGATIVE_HANDLING['percentile']}")
     intensity = None
     if count:
         p1, p50, p99 = np.percentile(np.concatenate(samples), [1, 50, 99]).tolist()
