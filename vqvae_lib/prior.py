@@ -323,31 +323,46 @@ def _batches(n: int, batch_size: int, order: torch.Tensor | None = None):
 
 def train_prior(vq_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, config: PriorTrainConfig, *,
                 resume: bool = False, overwrite: bool = False, progress: bool = True,
+                data_options: dict[str, Any] | None = None, allow_other_data: bool = False,
                 callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Fit a PixelCNNPrior to the index maps the VQ-VAE `vq_checkpoint` gives the train split of data_dir.
 
     The maps of the train and validate splits are encoded once and cached in out_dir (maps_*.npy). The run
-    folder works as in `train.train` (best.pt: lowest validation NLL). Returns the history, one record per
-    epoch: epoch, lr, train_nll (nats per latent, training mode), maps_per_s, val_nll, val_bits (bits per
-    latent, whole validation split), seconds.
+    folder works as in `train.train` (best.pt: lowest validation NLL); overwrite refuses a VQ-VAE checkpoint
+    inside out_dir. Returns the history, one record per epoch: epoch, lr, train_nll (nats per latent, training
+    mode), maps_per_s, val_nll, val_bits (bits per latent, whole validation split), seconds.
     """
-    out_dir = Path(out_dir)
+    options = runs.data_options(data_options)
+    runs.check_data_dir(data_dir)
     device = select_device(config.device)
     vq, vq_payload = load_model(vq_checkpoint, map_location=device)
     if config.model["codebook_size"] != vq.config.codebook_size:
         raise ValueError(f"the prior's codebook_size {config.model['codebook_size']} differs from the VQ-VAE's "
                          f"{vq.config.codebook_size} ({vq_checkpoint})")
-    payload = runs.start(out_dir, "prior", config.to_dict(), config.model, resume=resume, overwrite=overwrite)
+    with runs.claim(out_dir, "prior", config.to_dict(), config.model, resume=resume, overwrite=overwrite,
+                    inputs=(vq_checkpoint, data_dir)) as payload:
+        return _fit_prior(vq, vq_payload, vq_checkpoint, data_dir, Path(out_dir), config, payload, options,
+                          allow_other_data, progress, callback)
+
+
+def _fit_prior(vq: VQVAE, vq_payload: dict[str, Any], vq_checkpoint: str | Path, data_dir: str | Path,
+               out_dir: Path, config: PriorTrainConfig, payload: dict[str, Any] | None, options: dict[str, Any],
+               allow_other_data: bool, progress: bool, callback: Callable[[dict[str, Any]], None] | None
+               ) -> list[dict[str, Any]]:
+    """The body of `train_prior`, in its claimed run folder."""
+    device = next(vq.parameters()).device
     sha = check_pair(vq_checkpoint, payload, out_dir / "last.pt") if payload is not None else file_sha256(vq_checkpoint)
     amp = bool(vq_payload["train_config"].get("amp", False))
-    splits = {}
+    splits, loaded = {}, []
     for split in ("train", "validate"):
-        data = load_split(data_dir, split, progress=progress)
+        data = load_split(data_dir, split, progress=progress, **options)
+        loaded.append(data)
         limit = config.limit if split == "train" else None
         maps = cached_maps(vq, sha, data.images[:limit], out_dir / f"maps_{split}.npy", amp=amp, progress=progress)
         bins = position_bins(data, config.model["positions"])[:limit]
         splits[split] = (torch.from_numpy(maps).to(device), torch.from_numpy(bins).to(device))
-    del vq
+    record = runs.data_record(data_dir, loaded, options)
+    del loaded
     (train_maps, train_bins), (val_maps, val_bins) = splits["train"], splits["validate"]
     conditioned = config.model["positions"] > 0
     steps = config.epochs * math.ceil(len(train_maps) / config.batch_size)
@@ -392,7 +407,7 @@ def train_prior(vq_checkpoint: str | Path, data_dir: str | Path, out_dir: str | 
         return runs.fit(out_dir, kind="prior", model=model, optimizer=optimizer, scheduler=scheduler, payload=payload,
                         train_config=config.to_dict(), model_config=model.config.to_dict(), epochs=config.epochs,
                         device=device, one_epoch=one_epoch, score=score, best="val_nll", minimize=True, extra=extra,
-                        callback=callback)
+                        data=record, allow_other_data=allow_other_data, callback=callback)
 
 
 def sample_slices(vq_checkpoint: str | Path, prior_checkpoint: str | Path, n: int, *, seed: int = 0,

@@ -8,6 +8,7 @@ process takes its share of every global batch of `batch_size` slices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -298,13 +299,18 @@ def train_epoch(net: torch.nn.Module, images: torch.Tensor, optimizer: torch.opt
 
 def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, resume: bool = False,
           overwrite: bool = False, progress: bool = True, compile: bool = False,
+          data_options: dict[str, Any] | None = None, allow_other_data: bool = False,
           callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a VQVAE on the train split of data_dir, validating on the whole validate split after every epoch.
 
-    Writes out_dir/last.pt, best.pt (best validation SSIM) and metrics.json after every epoch (`runs.fit`).
-    resume: continue from last.pt (only `epochs` and `device` may differ from its config; a finished run is
-    returned as is). overwrite: replace a run already in out_dir (refused otherwise). compile: `compile_model`
-    first (worth it on a GPU; checkpoints are the same). callback(record) runs after each epoch's files are written.
+    Writes out_dir/last.pt, best.pt (best validation SSIM) and metrics.json after every epoch (`runs.fit`),
+    holding the folder's lock meanwhile (`runs.claim`). resume: continue from last.pt (only `epochs` and
+    `device` may differ from its config; a finished run is returned as is; a folder without a finished epoch
+    starts from scratch); a resume on other data than the run's is refused unless allow_other_data.
+    overwrite: replace a VQ-VAE run already in out_dir (refused otherwise), once the new run has finished its
+    first epoch. data_options: `load_split` options (`runs.DATA_OPTIONS`: shape_policy, normalization, cache).
+    compile: `compile_model` first (worth it on a GPU; checkpoints are the same). callback(record) runs after
+    each epoch's files are written.
 
     Under torchrun (several processes) the run is data-parallel: rank 0 claims the folder, builds the data cache
     first, validates, writes the files and calls `callback`; every process returns the same history.
@@ -316,16 +322,21 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
     whole split); seconds (training and validation); data-parallel runs also replica_divergence (the largest
     difference of any weight or codebook entry between processes after the epoch: 0.0 when they agree).
     """
-    with distributed.process_group(config.device):
-        payload = distributed.main_first(
-            lambda: runs.start(out_dir, "vqvae", config.to_dict(), config.model, resume=resume, overwrite=overwrite),
-            lambda: runs.load_resume(out_dir, "vqvae") if resume else None)
-        device = distributed.local_device(select_device(config.device))
+    options = runs.data_options(data_options)
+    runs.check_data_dir(data_dir)
+    with distributed.process_group(config.device), contextlib.ExitStack() as stack:
         main = distributed.is_main()
-        train_split = distributed.main_first(lambda: load_split(data_dir, "train", progress=progress and main,
-                                                                memory_map=False))
-        val_images = load_split(data_dir, "validate", progress=progress and main).images if main else None
+        payload = distributed.main_first(
+            lambda: stack.enter_context(runs.claim(out_dir, "vqvae", config.to_dict(), config.model, resume=resume,
+                                                   overwrite=overwrite, inputs=(data_dir,))),
+            lambda: runs.load_resume(out_dir, "vqvae") if resume and (Path(out_dir) / "last.pt").exists() else None)
+        device = distributed.local_device(select_device(config.device))
+        train_split, val_split = distributed.main_first(lambda: (
+            load_split(data_dir, "train", progress=progress and main, memory_map=False, **options),
+            load_split(data_dir, "validate", progress=progress and main, **options)))
+        record = runs.data_record(data_dir, [train_split, val_split], options)
         images = resident_images(train_split.images[:config.limit], device)
+        del train_split
         batches = global_batches(len(images), config.batch_size, distributed.world_size())
         steps, per_epoch = config.epochs * len(batches), sum(stop - start for start, stop in batches)
 
@@ -350,16 +361,19 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
             history = runs.fit(out_dir, kind="vqvae", model=model, optimizer=optimizer, scheduler=scheduler,
                                payload=payload, train_config=config.to_dict(), model_config=model.config.to_dict(),
                                epochs=config.epochs, device=device, one_epoch=one_epoch, best="val_ssim",
-                               callback=callback, main=main,
-                               score=lambda: validate(model, val_images, config.batch_size, device, amp=config.amp))
+                               data=record, allow_other_data=allow_other_data, callback=callback, main=main,
+                               score=lambda: validate(model, val_split.images, config.batch_size, device,
+                                                      amp=config.amp))
         return distributed.broadcast_object(history)
 
 
 def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", *, batch_size: int = 64,
-             device: str = "auto", amp: bool | None = None, progress: bool = True) -> dict[str, Any]:
+             device: str = "auto", amp: bool | None = None, progress: bool = True,
+             data_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score a checkpoint on every slice of a split.
 
     amp: bf16 autocast; None uses the checkpoint's training setting (so "validate" reproduces its val_ssim).
+    data_options: `load_split` options (`runs.DATA_OPTIONS`).
     Returns {"checkpoint", "split", "epoch", "names" (N,), "cases" (N,), "weeks" (N,), "slices" (N,),
     "ssim" (N,), "psnr" (N,), "code_counts" (K,), "summary": {"n_slices", "ssim_mean", "ssim_min", "ssim_max",
     "psnr_mean", "psnr_min", "psnr_max", "active_codes", "perplexity", "codebook_size", "epoch"}}.
@@ -368,7 +382,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     model, payload = load_model(checkpoint, map_location=dev)
     if amp is None:
         amp = bool(payload["train_config"].get("amp", False))
-    data = load_split(data_dir, split, progress=progress)
+    data = load_split(data_dir, split, progress=progress, **runs.data_options(data_options))
     recon, indices = reconstruct(model, data.images, batch_size, dev, amp=amp, progress=progress)
     ssim, psnr = ssim_psnr(recon, np.asarray(data.images))
     usage = CodeUsage(model.config.codebook_size)

@@ -103,7 +103,8 @@ def reconstruct(model: GaussianVAE, images: np.ndarray, batch_size: int = 64, *,
 
 
 def train_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, resume: bool = False,
-              overwrite: bool = False, progress: bool = True,
+              overwrite: bool = False, progress: bool = True, data_options: dict[str, Any] | None = None,
+              allow_other_data: bool = False,
               callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a GaussianVAE with config's model, schedule and budget (its VQ settings and ssim_weight are not
     used). The run folder works as in `train.train` (best.pt: best validation SSIM). Records: epoch, lr,
@@ -111,11 +112,22 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *,
     val_ssim, val_psnr (posterior-mean reconstructions), val_kl, val_active (channels with mean KL per position
     above ACTIVE_KL), seconds.
     """
-    payload = runs.start(out_dir, "vae", config.to_dict(), config.model, resume=resume, overwrite=overwrite)
+    options = runs.data_options(data_options)
+    runs.check_data_dir(data_dir)
+    with runs.claim(out_dir, "vae", config.to_dict(), config.model, resume=resume, overwrite=overwrite,
+                    inputs=(data_dir,)) as payload:
+        return _fit_vae(data_dir, out_dir, config, payload, options, allow_other_data, progress, callback)
+
+
+def _fit_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, payload: dict[str, Any] | None,
+             options: dict[str, Any], allow_other_data: bool, progress: bool,
+             callback: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+    """The body of `train_vae`, in its claimed run folder."""
     device = select_device(config.device)
-    images = resident_images(load_split(data_dir, "train", progress=progress, memory_map=False).images[:config.limit],
-                             device)
-    val_images = load_split(data_dir, "validate", progress=progress).images
+    train_split = load_split(data_dir, "train", progress=progress, memory_map=False, **options)
+    val_split = load_split(data_dir, "validate", progress=progress, **options)
+    record = runs.data_record(data_dir, [train_split, val_split], options)
+    images, val_images = resident_images(train_split.images[:config.limit], device), val_split.images
     steps = config.epochs * math.ceil(len(images) / config.batch_size)
 
     with torch.random.fork_rng(devices=runs.cuda_devices(device)):
@@ -155,4 +167,5 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *,
 
         return runs.fit(out_dir, kind="vae", model=model, optimizer=optimizer, scheduler=scheduler, payload=payload,
                         train_config=config.to_dict(), model_config=model.config.to_dict(), epochs=config.epochs,
-                        device=device, one_epoch=one_epoch, score=score, best="val_ssim", callback=callback)
+                        device=device, one_epoch=one_epoch, score=score, best="val_ssim", data=record,
+                        allow_other_data=allow_other_data, callback=callback)
