@@ -192,6 +192,12 @@ def test_cli_prior_resume_and_sample(vq_checkpoint, tiny_phantom, tmp_path, caps
     assert main(["sample", "--checkpoint", str(vq_checkpoint), "--prior", str(run / "best.pt"), "--n", "2",
                  "--out", str(png), "--position", "1", "--device", "cpu"]) == 0
     assert png.stat().st_size > 1000 and f"2 samples (seed 0, temperature 1.0) written to {png}" in capsys.readouterr().out
+    folder = tmp_path / "grids"
+    folder.mkdir()
+    assert main(["sample", "--checkpoint", str(vq_checkpoint), "--prior", str(run / "best.pt"), "--n", "1",
+                 "--out", str(folder), "--device", "cpu"]) == 0                  # a folder: FOLDER/samples.png
+    assert f"written to {folder / 'samples.png'}" in capsys.readouterr().out and list(folder.iterdir()) == [
+        folder / "samples.png"]
     assert main(["sample", "--checkpoint", str(vq_checkpoint), "--prior", str(run / "best.pt"), "--n", "1",
                  "--out", str(png), "--position", "9", "--device", "cpu"]) == 2
     assert "error: position must be a bin in [0, 8), got 9" in capsys.readouterr().err

@@ -319,3 +319,52 @@ def test_killed_at_random_moments_a_run_finishes_as_if_never_interrupted(tiny_ph
     with capsys.disabled():
         print(f"\nkill test: {kills} SIGKILLs of `train` ({', '.join(killed_at)}); 4 run folders finished "
               "identical to the uninterrupted run")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_resuming_on_other_data_is_refused_unless_asked(tiny_phantom, tmp_path, caplog):
+    run, moved, other = tmp_path / "run", tmp_path / "moved", tmp_path / "other"
+    T.train(tiny_phantom, run, tiny(epochs=1), progress=False)
+    recorded = load_checkpoint(run / "last.pt")["data"]
+    assert recorded["dir"] == str(tiny_phantom.resolve()) and len(recorded["fingerprint"]) == 64
+    assert recorded["options"] == {"shape_policy": "crop", "normalization": "percentile"}
+    assert load_checkpoint(run / "best.pt")["data"] == recorded
+
+    shutil.copytree(tiny_phantom, moved, ignore=shutil.ignore_patterns(".cache"))  # the same data elsewhere
+    shutil.copytree(tiny_phantom, other, ignore=shutil.ignore_patterns(".cache"))
+    for path in sorted((other / "keras_slices_train").glob("case_*_slice_5*.nii.gz")):
+        path.unlink()                                                      # other data: fewer slices
+    before = snapshot(run)
+    with pytest.raises(runs.RunError, match=f"cannot resume from {run / 'last.pt'}: it was trained on other data "
+                                            f"\\({tiny_phantom.resolve()} then, {other.resolve()} now"):
+        T.train(other, run, tiny(epochs=2), resume=True, progress=False)
+    with pytest.raises(runs.RunError, match="options {'shape_policy': 'crop', 'normalization': 'percentile'} then, "
+                                            "{'shape_policy': 'resize', 'normalization': 'percentile'} now"):
+        T.train(tiny_phantom, run, tiny(epochs=2), resume=True, progress=False,
+                data_options={"shape_policy": "resize"})
+    assert snapshot(run) == before
+
+    T.train(moved, run, tiny(epochs=2), resume=True, progress=False)       # moved data are the same data
+    history = T.train(other, run, tiny(epochs=3), resume=True, allow_other_data=True, progress=False)
+    assert len(history) == 3 and "resuming" in caplog.text and "on other data" in caplog.text
+    data = load_checkpoint(run / "last.pt")["data"]
+    assert data["dir"] == str(other.resolve()) and data["fingerprint"] != recorded["fingerprint"]
+    assert [d["dir"] for d in data["earlier"]] == [str(moved.resolve())]
+
+
+def test_cli_resume_on_other_data(tiny_phantom, tmp_path, capsys):
+    run, other = tmp_path / "run", tmp_path / "other"
+    args = ["train", "--out", str(run), "--epochs", "1", "--limit", "8", "--batch-size", "8", "--downsample", "16",
+            "--device", "cpu"]
+    assert main([*args, "--data-dir", str(tiny_phantom)]) == 0
+    shutil.copytree(tiny_phantom, other, ignore=shutil.ignore_patterns(".cache"))
+    next((other / "keras_slices_validate").glob("case_*.nii.gz")).unlink()
+    capsys.readouterr()
+    assert main([*args, "--data-dir", str(other), "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]                     # after the progress bars
+    assert err.startswith("error: cannot resume from") and "trained on other data" in err
+    assert "--allow-other-data" in err
+    assert main([*args, "--data-dir", str(other), "--resume", "--epochs", "2", "--allow-other-data"]) == 0
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
