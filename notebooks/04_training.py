@@ -88,7 +88,10 @@ for name in ("default", "seed"):
 #
 # `train.train` keeps the training split in (GPU) memory, shuffles with a seeded generator, and after every
 # epoch evaluates the whole validation split and writes `last.pt`, `best.pt` (best validation SSIM) and
-# `metrics.json` atomically into the run folder. The same run from a shell, e.g. in a Slurm job:
+# `metrics.json` atomically into the run folder, in that order, so a run killed at any moment can be resumed.
+# While it trains it holds the folder's lock (a second run there is refused), and `overwrite=True` deletes
+# the old run only once the new one has finished its first epoch (README, "Running on a cluster"). The same
+# run from a shell, e.g. in a Slurm job:
 #
 # ```bash
 # python -m vqvae_lib train --data-dir data/phantom --out runs/default --preset default --device cuda

@@ -223,7 +223,7 @@ def test_an_interrupted_force_keeps_the_old_phantom(tiny_phantom, tmp_path, monk
 
 def test_force_replaces_a_phantom_with_its_cache_and_an_unfinished_run(tiny_phantom, tmp_path):
     folder = tmp_path / "hipmri"
-    shutil.copytree(tiny_phantom, folder)
+    shutil.copytree(tiny_phantom, folder, ignore=shutil.ignore_patterns(".cache"))
     (folder / "PHANTOM.json").write_text(json.dumps({**json.loads((folder / "PHANTOM.json").read_text()),
                                                      "seed": 7}))  # an older phantom, another seed
     (folder / ".cache").mkdir()
