@@ -147,3 +147,28 @@ def test_quantizer_is_configured_from_the_config():
     assert isinstance(q, VectorQuantizer) and q.codebook.shape == (32, 4)
     assert (q.beta, q.ema, q.decay, q.init, q.restart) == (0.1, False, 0.9, "sample", False)
     assert isinstance(model.encoder, Encoder)
+
+
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+def test_encode_picks_the_codes_of_forward_and_of_exact_distances_under_bf16_autocast(precision):
+    """Nearest codes are searched in full fp32 in both paths, whatever autocast or matmul precision is set."""
+    torch.manual_seed(0)
+    model = VQVAE(ModelConfig(hidden=32, res_hidden=16, codebook_size=256, embed_dim=32, downsample=4)).eval()
+    with torch.no_grad():  # codes close together, as in a trained codebook, so rounding matters
+        model.quantizer.codebook.copy_(torch.randn(256, 32) * 0.05)
+    x = torch.rand(8, 1, 64, 32)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            codes = model.encode(x)
+            out = model(x)
+            z = model.encoder(x).double()
+        assert torch.get_float32_matmul_precision() == precision  # left as the caller set it
+        assert torch.backends.mkldnn.matmul.fp32_precision == ("bf16" if precision == "medium" else "ieee")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 32)
+    exact = torch.cdist(flat, model.quantizer.codebook.double()).argmin(1).view(codes.shape)
+    assert torch.equal(codes, out.vq.indices)
+    assert (codes != exact).float().mean() < 0.002  # ties of the float32 expansion, not bf16 rounding

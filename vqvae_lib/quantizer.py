@@ -23,6 +23,8 @@ makes the same update as one process would on the whole global batch.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,18 +49,47 @@ class QuantizerOutput:
     perplexity: torch.Tensor  # exp(entropy of the code histogram of this batch): K when all codes are used equally
 
 
+@contextlib.contextmanager
+def full_fp32(device_type: str) -> Iterator[None]:
+    """fp32 arithmetic for the block, whatever the caller set: no autocast, and float32 matrix products at full
+    precision (`torch.set_float32_matmul_precision("high")` lets them run in TF32 on CUDA, "medium" in bf16 on
+    the CPU). The caller's settings are restored afterwards."""
+    if hasattr(torch.backends.mkldnn, "matmul"):  # torch >= 2.9: a precision per backend
+        knobs = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+        saved = [knob.fp32_precision for knob in knobs]
+        for knob in knobs:
+            knob.fp32_precision = "ieee"
+
+        def restore() -> None:
+            for knob, value in zip(knobs, saved):
+                knob.fp32_precision = value
+    else:
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+
+        def restore() -> None:
+            torch.set_float32_matmul_precision(precision)
+    try:
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        restore()
+
+
 def nearest_code(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest code vector for each row of `flat`: (N, D), codebook (K, D) -> (N,) int64.
 
     Squared distances come from the expansion ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2: one (N, K) matrix
-    product instead of an (N, K, D) tensor of differences.
+    product instead of an (N, K, D) tensor of differences, always in full fp32 (`full_fp32`): in bf16 or TF32
+    the rounding of z.e changes the nearest code of a few percent of the vectors.
     """
-    flat, codebook = flat.float(), codebook.float()
-    distances = torch.addmm(
-        flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1),  # ||z||^2 + ||e||^2: (N, 1) + (K,) -> (N, K)
-        flat, codebook.t(), alpha=-2.0,  # - 2 z.e
-    )
-    return distances.argmin(1)
+    with full_fp32(flat.device.type):
+        flat, codebook = flat.float(), codebook.float()
+        distances = torch.addmm(
+            flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1),  # ||z||^2 + ||e||^2: (N, 1) + (K,) -> (N, K)
+            flat, codebook.t(), alpha=-2.0,  # - 2 z.e
+        )
+        return distances.argmin(1)
 
 
 def sample_rows(flat: torch.Tensor, n: int) -> torch.Tensor:
