@@ -54,7 +54,8 @@ lab: $(STAMP)
 		--LabApp.default_url=/lab/tree/notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # The explorer of notebook 05 as a web page (notebooks/explorer_app.py in Voila, no code shown) on 127.0.0.1,
-# with the committed checkpoint and the default phantom (EXPLORER_DATA_DIR, EXPLORER_CHECKPOINT override them).
+# with the committed checkpoint and the default phantom on the CPU (EXPLORER_DATA_DIR, EXPLORER_CHECKPOINT and
+# EXPLORER_DEVICE override them).
 explorer: $(STAMP) data/phantom/PHANTOM.json
 	$(PY) -m vqvae_lib.explorer_page serve
 

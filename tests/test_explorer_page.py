@@ -14,10 +14,19 @@ CHECKPOINT = runner.REPO / "checkpoints" / "default.pt"
 
 
 def test_paths_come_from_the_environment_relative_to_the_repository(tmp_path):
-    assert explorer_page.inputs({}) == (runner.REPO / "data" / "phantom", CHECKPOINT)
-    data_dir, ckpt = explorer_page.inputs({explorer_page.DATA_ENV: "elsewhere",
-                                           explorer_page.CHECKPOINT_ENV: str(tmp_path / "m.pt")})
-    assert data_dir == runner.REPO / "elsewhere" and ckpt == tmp_path / "m.pt"
+    assert explorer_page.inputs({}) == (runner.REPO / "data" / "phantom", CHECKPOINT, "cpu")
+    data_dir, ckpt, device = explorer_page.inputs({explorer_page.DATA_ENV: "elsewhere",
+                                                   explorer_page.CHECKPOINT_ENV: str(tmp_path / "m.pt"),
+                                                   explorer_page.DEVICE_ENV: "cuda:1"})
+    assert data_dir == runner.REPO / "elsewhere" and ckpt == tmp_path / "m.pt" and device == "cuda:1"
+
+
+def test_a_device_that_is_not_there_is_named_on_the_page(tiny_phantom, monkeypatch):
+    monkeypatch.setenv(explorer_page.DATA_ENV, str(tiny_phantom))
+    monkeypatch.setenv(explorer_page.DEVICE_ENV, "cuda:7")
+    page = explorer_page.app()
+    assert isinstance(page, ipywidgets.HTML) and "device &#x27;cuda:7&#x27; requested" in page.value
+    assert "Device: cuda:7 (set EXPLORER_DEVICE)" in page.value
 
 
 @pytest.mark.parametrize("missing", ["data", "checkpoint"])

@@ -35,7 +35,8 @@ def _text(notebook):
 def executed(tiny_phantom, tmp_path_factory):
     build = tmp_path_factory.mktemp("build")
     figs = build / "figures"
-    params = {"SMOKE": True, "DATA_DIR": str(tiny_phantom), "FIG_DIR": str(figs), "SEED": 0}
+    # The device the assertions below mean (DEVICE="auto" would pick a GPU where there is one).
+    params = {"SMOKE": True, "DATA_DIR": str(tiny_phantom), "FIG_DIR": str(figs), "SEED": 0, "DEVICE": "cpu"}
     runner.check_kernel(runner.KERNEL)
     # A run folder per notebook, as their defaults have: each trains a model of its own kind.
     paths = [runner.execute(p, build, {**params, "RUN_DIR": str(build / "runs" / p.stem)}, progress=False)

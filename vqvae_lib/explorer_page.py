@@ -2,7 +2,8 @@
 
 The page is `notebooks/explorer_app.py`: it displays `app()`, the explorer widget of `vqvae_lib.explorer` on
 the test split of $EXPLORER_DATA_DIR (default data/phantom) with the VQ-VAE of $EXPLORER_CHECKPOINT (default
-checkpoints/default.pt); relative paths are taken from the repository root. The functions below the app
+checkpoints/default.pt), computed on $EXPLORER_DEVICE (default cpu, so the page shows the same pictures on any
+machine); relative paths are taken from the repository root. The functions below the app
 drive the page in a browser (the end-to-end test and the README screenshot use them), and
 
     python -m vqvae_lib.explorer_page serve [--port N]
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 DATA_ENV, DEFAULT_DATA = "EXPLORER_DATA_DIR", "data/phantom"
 CHECKPOINT_ENV, DEFAULT_CHECKPOINT = "EXPLORER_CHECKPOINT", "checkpoints/default.pt"
+DEVICE_ENV, DEFAULT_DEVICE = "EXPLORER_DEVICE", "cpu"  # a page is light work; cpu gives the same picture anywhere
 APP = runner.NOTEBOOK_DIR / "explorer_app.py"
 SPLIT = "test"
 # The widgets of CodebookExplorer.widget() in the ipywidgets 8 front end.
@@ -48,14 +50,15 @@ def resolve(value: str | None, default: str) -> Path:
     return path if path.is_absolute() else runner.REPO / path
 
 
-def inputs(environ: dict[str, str] | None = None) -> tuple[Path, Path]:
-    """The page's (data folder, checkpoint) from the environment."""
+def inputs(environ: dict[str, str] | None = None) -> tuple[Path, Path, str]:
+    """The page's (data folder, checkpoint, device) from the environment."""
     environ = os.environ if environ is None else environ
     return (resolve(environ.get(DATA_ENV), DEFAULT_DATA),
-            resolve(environ.get(CHECKPOINT_ENV), DEFAULT_CHECKPOINT))
+            resolve(environ.get(CHECKPOINT_ENV), DEFAULT_CHECKPOINT), environ.get(DEVICE_ENV) or DEFAULT_DEVICE)
 
 
-def load_explorer(data_dir: Path, checkpoint_path: Path, device: str = "auto") -> tuple[CodebookExplorer, int]:
+def load_explorer(data_dir: Path, checkpoint_path: Path, device: str = DEFAULT_DEVICE
+                  ) -> tuple[CodebookExplorer, int]:
     """The explorer over the test split and the slice the page starts on (the middle of the first scan)."""
     dev = train.select_device(device)
     model, _ = checkpoint.load_model(checkpoint_path, map_location=dev)
@@ -69,12 +72,13 @@ def app() -> ipywidgets.Widget:
     """The page's content: the explorer widget, or the reason it cannot be built (an HTML widget)."""
     import ipywidgets as w
 
-    data_dir, checkpoint_path = inputs()
+    data_dir, checkpoint_path, device = inputs()
     try:
-        explorer, start = load_explorer(data_dir, checkpoint_path)
+        explorer, start = load_explorer(data_dir, checkpoint_path, device)
     except (OSError, ValueError, RuntimeError) as e:
         hint = (f"Data folder: {data_dir} (set {DATA_ENV}; `make data/phantom/PHANTOM.json` writes the default "
-                f"phantom). Checkpoint: {checkpoint_path} (set {CHECKPOINT_ENV}).")
+                f"phantom). Checkpoint: {checkpoint_path} (set {CHECKPOINT_ENV}). Device: {device} (set "
+                f"{DEVICE_ENV}).")
         return w.HTML(f'<div class="explorer-error" style="color: #b00020"><b>The explorer cannot start:</b> '
                       f"{html.escape(str(e))}<br>{html.escape(hint)}</div>")
     box = explorer.widget()
@@ -132,13 +136,13 @@ def choose_code(page: Page, code: int, timeout_ms: float = 60_000) -> None:
     _await_new_picture(page, before, timeout_ms)
 
 
-def screenshot(path: Path, data_dir: Path, checkpoint_path: Path) -> Path:
+def screenshot(path: Path, data_dir: Path, checkpoint_path: Path, device: str = DEFAULT_DEVICE) -> Path:
     """A screenshot of the page (metadata-free PNG) moved one slice on from the start, with the code that
     slice uses most inside the body chosen."""
     from PIL import Image
 
-    explorer, start = load_explorer(data_dir, checkpoint_path)
-    env = {DATA_ENV: str(data_dir), CHECKPOINT_ENV: str(checkpoint_path)}
+    explorer, start = load_explorer(data_dir, checkpoint_path, device)
+    env = {DATA_ENV: str(data_dir), CHECKPOINT_ENV: str(checkpoint_path), DEVICE_ENV: device}
     nb = notebook()
     with open(nb.with_suffix(".log"), "w") as log, pageserver.serve(nb, env=env, log=log) as server, \
             pageserver.chromium() as browser:
@@ -160,11 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     shot = sub.add_parser("screenshot", help="write a PNG screenshot of the page")
     shot.add_argument("path", type=Path)
     args = parser.parse_args(argv)
-    data_dir, checkpoint_path = inputs()
+    data_dir, checkpoint_path, device = inputs()
     if args.command == "screenshot":
-        print(f"wrote {screenshot(args.path, data_dir, checkpoint_path)}")
+        print(f"wrote {screenshot(args.path, data_dir, checkpoint_path, device)}")
         return 0
-    env = {DATA_ENV: str(data_dir), CHECKPOINT_ENV: str(checkpoint_path)}
+    env = {DATA_ENV: str(data_dir), CHECKPOINT_ENV: str(checkpoint_path), DEVICE_ENV: device}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on `kill` too, not only on Ctrl-C
     with pageserver.serve(notebook(), port=args.port, env=env) as server:
         print(f"\nThe codebook explorer ({data_dir}, {checkpoint_path}) is at\n\n    {server.url}\n\n"
