@@ -88,3 +88,28 @@ def test_helpers_are_no_ops_in_one_process():
     assert distributed.all_reduce_sum(x.clone()).equal(x)
     assert distributed.gather_rows(x).equal(x)
     assert distributed.main_first(lambda: 1, lambda: 2) == 1
+
+
+def test_more_processes_than_gpus_is_said_clearly(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.cuda_index() == 1
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(RuntimeError, match=r"process 2 of this node has no GPU of its own: the node has 2 visible "
+                                           r"GPUs; start at most 2 processes per node \(torchrun --nproc_per_node=2\)"):
+        distributed.cuda_index()
+
+
+def test_buffer_sync_option_of_older_and_newer_torch():
+    class Older:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True):
+            pass
+
+    class Newer:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True, forward_sync_buffers=True):
+            pass
+
+    assert distributed.no_buffer_sync(Older) == {"broadcast_buffers": False}
+    assert distributed.no_buffer_sync(Newer) == {"forward_sync_buffers": False}
+    from torch.nn.parallel import DistributedDataParallel
+    assert list(distributed.no_buffer_sync(DistributedDataParallel)) == ["forward_sync_buffers"]  # torch 2.13

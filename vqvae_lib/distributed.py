@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -44,6 +45,16 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def cuda_index() -> int:
+    """This process's GPU under torchrun (LOCAL_RANK); RuntimeError when the node has fewer GPUs than that."""
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local >= count:
+        raise RuntimeError(f"process {local} of this node has no GPU of its own: the node has {count} visible "
+                           f"GPU{'s' * (count != 1)}; start at most {count} processes per node "
+                           f"(torchrun --nproc_per_node={count}) or train with --device cpu")
+    return local
+
+
 @contextlib.contextmanager
 def process_group(device_pref: str) -> Iterator[None]:
     """Join the process group torchrun describes in the environment (nccl on CUDA, gloo on CPU) for the
@@ -55,7 +66,7 @@ def process_group(device_pref: str) -> Iterator[None]:
         raise RuntimeError("this torch build has no torch.distributed; run with one process")
     cuda = device_pref != "cpu" and torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(cuda_index())
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     try:
         yield
@@ -80,7 +91,14 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   forward_sync_buffers=False)
+                                   **no_buffer_sync(DistributedDataParallel))
+
+
+def no_buffer_sync(ddp: type) -> dict[str, bool]:
+    """The DistributedDataParallel option that stops its buffer broadcast at every forward: forward_sync_buffers
+    in the newest torch, broadcast_buffers before (both still sync once, when the wrapper is built)."""
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    return {name: False}
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
