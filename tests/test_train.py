@@ -326,3 +326,42 @@ def test_compiled_training_matches_eager(tiny_phantom, tmp_path):
     eager_state, compiled_state = (load_checkpoint(tmp_path / name / "best.pt", kind="vqvae")["model_state"]
                                    for name in ("eager", "compiled"))
     assert eager_state.keys() == compiled_state.keys()
+
+
+def test_on_mps_runs_use_no_bf16_autocast_or_channels_last():
+    config = T.make_config("default")
+    on_mps = T.for_device(config, torch.device("mps"))
+    assert (on_mps.amp, on_mps.channels_last) == (False, False) and (config.amp, config.channels_last) == (True, True)
+    assert T.for_device(config, torch.device("cpu")) is config and T.for_device(config, torch.device("cuda")) is config
+    from vqvae_lib.prior import make_prior_config
+    assert T.for_device(make_prior_config(), torch.device("mps")).amp is False
+
+
+def test_no_float64_op_runs_in_the_training_loops(tiny_phantom, tmp_path):
+    """Apple's MPS has no float64: the VQ-VAE, VAE and prior loops must not make a float64 tensor on the model's
+    device (here the CPU, where every tensor lives), e.g. for their loss accumulators."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vqvae_lib.prior import make_prior_config, train_prior
+    from vqvae_lib.vae import train_vae
+
+    class Float64Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in torch.utils._pytree.tree_leaves(out)):
+                self.ops.add(str(func))
+            return out
+
+    load_split(tiny_phantom, "train", progress=False)  # the data cache is built outside the recording
+    load_split(tiny_phantom, "validate", progress=False)
+    with Float64Ops() as mode:
+        T.train(tiny_phantom, tmp_path / "vq", tiny(epochs=1), progress=False)
+        train_vae(tiny_phantom, tmp_path / "vae", tiny(epochs=1), progress=False)
+        train_prior(tmp_path / "vq" / "best.pt", tiny_phantom, tmp_path / "prior",
+                    make_prior_config(codebook_size=32, channels=8, layers=2, epochs=1, limit=8, device="cpu"),
+                    progress=False)
+    assert mode.ops == set()

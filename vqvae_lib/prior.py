@@ -35,7 +35,7 @@ from .checkpoint import CheckpointError, load_model, load_module
 from .data import SplitData, load_split
 from .fileio import atomic_write
 from .model import VQVAE
-from .train import check_run_settings, optimizer_for, select_device
+from .train import check_run_settings, for_device, optimizer_for, select_device
 
 
 @dataclass
@@ -351,8 +351,9 @@ def _fit_prior(vq: VQVAE, vq_payload: dict[str, Any], vq_checkpoint: str | Path,
                ) -> list[dict[str, Any]]:
     """The body of `train_prior`, in its claimed run folder."""
     device = next(vq.parameters()).device
+    saved, config = config, for_device(config, device)
     sha = check_pair(vq_checkpoint, payload, out_dir / "last.pt") if payload is not None else file_sha256(vq_checkpoint)
-    amp = bool(vq_payload["train_config"].get("amp", False))
+    amp = bool(vq_payload["train_config"].get("amp", False)) and device.type != "mps"  # as `for_device`
     splits, loaded = {}, []
     for split in ("train", "validate"):
         data = load_split(data_dir, split, progress=progress, **options)
@@ -379,7 +380,7 @@ def _fit_prior(vq: VQVAE, vq_payload: dict[str, Any], vq_checkpoint: str | Path,
 
         def one_epoch(epoch: int) -> dict[str, Any]:
             model.train()
-            started, total = time.perf_counter(), torch.zeros((), dtype=torch.float64, device=device)
+            started, total = time.perf_counter(), torch.zeros((), device=device)  # float32: MPS has no float64
             order = torch.randperm(len(train_maps), generator=runs.epoch_generator(config.seed, epoch)).to(device)
             with tqdm(total=len(train_maps), desc=f"prior epoch {epoch}/{config.epochs}", unit="map",
                       disable=not progress, leave=False) as bar:
@@ -389,7 +390,7 @@ def _fit_prior(vq: VQVAE, vq_payload: dict[str, Any], vq_checkpoint: str | Path,
                     loss.backward()
                     optimizer.step()
                     scheduler.step()
-                    total += loss.detach().double() * len(batch)
+                    total += loss.detach() * len(batch)
                     bar.update(len(batch))
             mean = total.item() / len(train_maps)
             if not math.isfinite(mean):
@@ -399,13 +400,13 @@ def _fit_prior(vq: VQVAE, vq_payload: dict[str, Any], vq_checkpoint: str | Path,
         @torch.no_grad()
         def score() -> dict[str, Any]:
             model.eval()
-            total = sum(nll(val_maps[b], val_bins[b]).double().item() * len(val_maps[b])
+            total = sum(nll(val_maps[b], val_bins[b]).item() * len(val_maps[b])
                         for b in _batches(len(val_maps), 64))
             return {"val_nll": total / len(val_maps), "val_bits": total / len(val_maps) / math.log(2)}
 
         extra = {"vqvae": {"sha256": sha, "path": str(vq_checkpoint), "latent_shape": list(train_maps.shape[1:])}}
         return runs.fit(out_dir, kind="prior", model=model, optimizer=optimizer, scheduler=scheduler, payload=payload,
-                        train_config=config.to_dict(), model_config=model.config.to_dict(), epochs=config.epochs,
+                        train_config=saved.to_dict(), model_config=model.config.to_dict(), epochs=config.epochs,
                         device=device, one_epoch=one_epoch, score=score, best="val_nll", minimize=True, extra=extra,
                         data=record, allow_other_data=allow_other_data, callback=callback)
 

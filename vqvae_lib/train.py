@@ -177,6 +177,15 @@ def select_device(pref: str = "auto") -> torch.device:
     return device
 
 
+def for_device(config: Any, device: torch.device) -> Any:
+    """The run config (TrainConfig or PriorTrainConfig) as it trains on `device`: on Apple MPS without bf16
+    autocast and channels-last, which MPS does not run well; the saved config keeps what was asked for."""
+    if device.type != "mps":
+        return config
+    return dataclasses.replace(config, amp=False, **({"channels_last": False} if hasattr(config, "channels_last")
+                                                     else {}))
+
+
 def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
     """Learning-rate multiplier for optimiser step `step` (0-based) of `total_steps`."""
     if config.schedule == "constant":
@@ -269,7 +278,8 @@ def train_epoch(net: torch.nn.Module, images: torch.Tensor, optimizer: torch.opt
     world, rank = distributed.world_size(), distributed.rank()
     batches = global_batches(len(images), config.batch_size, world)
     order = torch.randperm(len(images), generator=runs.epoch_generator(config.seed, epoch)).to(images.device)
-    sums = torch.zeros(5, device=device, dtype=torch.float64)  # total, MSE, SSIM, commitment, codebook (x batch)
+    # total, MSE, SSIM, commitment, codebook (x batch size), summed on the device in float32 (MPS has no float64)
+    sums = torch.zeros(5, device=device)
     seen = sum(b - a for a, b in batches)
     with tqdm(total=seen, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress,
               leave=False) as bar:
@@ -288,7 +298,7 @@ def train_epoch(net: torch.nn.Module, images: torch.Tensor, optimizer: torch.opt
             optimizer.step()
             scheduler.step()
             parts = torch.stack([loss, mse, ssim, out.vq.commitment, out.vq.codebook_loss]).detach()
-            sums += parts.double() * len(x)  # no .item() per step: it would wait for the GPU every batch
+            sums += parts * len(x)  # no .item() per step: it would wait for the GPU every batch
             bar.update(stop - start)
     total, mse, ssim, commitment, codebook = (distributed.all_reduce_sum(sums) / seen).tolist()
     if not math.isfinite(total):
@@ -331,6 +341,8 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
                                                    overwrite=overwrite, inputs=(data_dir,))),
             lambda: runs.load_resume(out_dir, "vqvae") if resume and (Path(out_dir) / "last.pt").exists() else None)
         device = distributed.local_device(select_device(config.device))
+        saved, config = config, for_device(config, device)
+        compile = compile and device.type != "mps"  # torch.compile does not support MPS well yet
         train_split, val_split = distributed.main_first(lambda: (
             load_split(data_dir, "train", progress=progress and main, memory_map=False, **options),
             load_split(data_dir, "validate", progress=progress and main, **options)))
@@ -359,7 +371,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
                 return record
 
             history = runs.fit(out_dir, kind="vqvae", model=model, optimizer=optimizer, scheduler=scheduler,
-                               payload=payload, train_config=config.to_dict(), model_config=model.config.to_dict(),
+                               payload=payload, train_config=saved.to_dict(), model_config=model.config.to_dict(),
                                epochs=config.epochs, device=device, one_epoch=one_epoch, best="val_ssim",
                                data=record, allow_other_data=allow_other_data, callback=callback, main=main,
                                score=lambda: validate(model, val_split.images, config.batch_size, device,
@@ -381,7 +393,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     dev = select_device(device)
     model, payload = load_model(checkpoint, map_location=dev)
     if amp is None:
-        amp = bool(payload["train_config"].get("amp", False))
+        amp = bool(payload["train_config"].get("amp", False)) and dev.type != "mps"  # as `for_device`
     data = load_split(data_dir, split, progress=progress, **runs.data_options(data_options))
     recon, indices = reconstruct(model, data.images, batch_size, dev, amp=amp, progress=progress)
     ssim, psnr = ssim_psnr(recon, np.asarray(data.images))

@@ -30,7 +30,7 @@ from .checkpoint import load_module
 from .data import load_split
 from .metrics import ssim_psnr
 from .model import Decoder, Encoder, ModelConfig
-from .train import TrainConfig, prepare_model, resident_images, select_device
+from .train import TrainConfig, for_device, prepare_model, resident_images, select_device
 
 ACTIVE_KL = 0.01  # nats per position: a latent channel with less mean KL carries (almost) no information
 
@@ -98,7 +98,7 @@ def reconstruct(model: GaussianVAE, images: np.ndarray, batch_size: int = 64, *,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(x, sample=False)
         recon[start:start + len(x)] = out.recon.float().clamp(0, 1)[:, 0].cpu().numpy()
-        kl[start:start + len(x)] = out.kl.double().cpu().numpy()
+        kl[start:start + len(x)] = out.kl.float().cpu().numpy()
     return recon, kl
 
 
@@ -124,6 +124,7 @@ def _fit_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, pay
              callback: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
     """The body of `train_vae`, in its claimed run folder."""
     device = select_device(config.device)
+    saved, config = config, for_device(config, device)
     train_split = load_split(data_dir, "train", progress=progress, memory_map=False, **options)
     val_split = load_split(data_dir, "validate", progress=progress, **options)
     record = runs.data_record(data_dir, [train_split, val_split], options)
@@ -136,7 +137,7 @@ def _fit_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, pay
 
         def one_epoch(epoch: int) -> dict[str, Any]:
             model.train()
-            started, sums = time.perf_counter(), torch.zeros(3, dtype=torch.float64, device=device)
+            started, sums = time.perf_counter(), torch.zeros(3, device=device)  # float32: MPS has no float64
             order = torch.randperm(len(images), generator=runs.epoch_generator(config.seed, epoch)).to(images.device)
             with tqdm(total=len(images), desc=f"VAE epoch {epoch}/{config.epochs}", unit="img", disable=not progress,
                       leave=False) as bar:
@@ -149,7 +150,7 @@ def _fit_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, pay
                     loss.backward()
                     optimizer.step()
                     scheduler.step()
-                    sums += torch.stack([loss, mse, kl]).detach().double() * len(x)
+                    sums += torch.stack([loss, mse, kl]).detach() * len(x)
                     bar.update(len(x))
             loss, mse, kl = (sums / len(images)).tolist()
             if not math.isfinite(loss):
@@ -166,6 +167,6 @@ def _fit_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, pay
                     "val_active": int((per_position > ACTIVE_KL).sum())}
 
         return runs.fit(out_dir, kind="vae", model=model, optimizer=optimizer, scheduler=scheduler, payload=payload,
-                        train_config=config.to_dict(), model_config=model.config.to_dict(), epochs=config.epochs,
+                        train_config=saved.to_dict(), model_config=model.config.to_dict(), epochs=config.epochs,
                         device=device, one_epoch=one_epoch, score=score, best="val_ssim", data=record,
                         allow_other_data=allow_other_data, callback=callback)
