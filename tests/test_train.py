@@ -365,3 +365,35 @@ def test_no_float64_op_runs_in_the_training_loops(tiny_phantom, tmp_path):
                     make_prior_config(codebook_size=32, channels=8, layers=2, epochs=1, limit=8, device="cpu"),
                     progress=False)
     assert mode.ops == set()
+
+
+def test_a_steady_training_step_waits_for_the_device_at_most_once():
+    """Host synchronisations (a tensor read on the host, or an op whose output shape depends on the data) counted
+    with a dispatch mode over four steady steps of the default preset: at most one per step."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = ("aten._local_scalar_dense", "aten.nonzero", "aten.bincount", "aten.unique", "aten.masked_select")
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith(syncing):
+                self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    config = T.make_config("default", limit=64, batch_size=16, device="cpu", epochs=2)
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model, optimizer, scheduler = T.prepare_model(VQVAE(config.model_config()), config, device, 8)
+    images = torch.rand(64, 1, 256, 128)
+    T.train_epoch(model, images, optimizer, scheduler, config, device, 1, False)  # k-means initialisation
+    restarts = model.quantizer.restarts_total
+    with Syncs() as syncs:
+        T.train_epoch(model, images, optimizer, scheduler, config, device, 2, False)
+    assert sum(syncs.ops.values()) <= 4, syncs.ops
+    assert model.quantizer.restarts_total >= restarts  # restarts are still counted (on the device)

@@ -163,6 +163,11 @@ class VectorQuantizer(nn.Module):
         else:
             self.codebook = nn.Parameter(codebook)
         self.register_buffer("initialized", torch.tensor(init == "uniform"))
+        # The same flag on the Python side, so a training step need not read the buffer from the GPU (a sync);
+        # loading a state_dict refreshes it.
+        self._initialized = init == "uniform"
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_initialized",
+                                                                           bool(module.initialized)))
         self.register_buffer("usage", torch.full((num_codes,), 1.0 / num_codes))  # EMA of each code's share
         self.register_buffer("restart_count", torch.zeros((), dtype=torch.long))
 
@@ -191,7 +196,7 @@ class VectorQuantizer(nn.Module):
             flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, self.dim)  # (N, D), N = B*h*w vectors
 
             # 1. Data-dependent initialisation, once, on the first training batch.
-            if self.training and not self.initialized:
+            if self.training and not self._initialized:
                 self._init_from_data(flat)
 
             # 2. Nearest code for every vector, and the chosen code vectors e.
@@ -209,7 +214,7 @@ class VectorQuantizer(nn.Module):
             quantized = e.detach() + (z_e - z_e.detach())
 
             # 5. Code usage in this batch (over all processes): perplexity = exp(entropy of the code histogram).
-            counts = torch.bincount(indices, minlength=self.num_codes).float()  # (K,)
+            counts = flat.new_zeros(self.num_codes).index_add_(0, indices, flat.new_ones(len(indices)))  # (K,)
             if self.training:
                 distributed.all_reduce_sum(counts)
             probs = counts / counts.sum()
@@ -237,8 +242,9 @@ class VectorQuantizer(nn.Module):
         else:
             points = sample_rows(flat, min(len(flat), KMEANS_MAX_POINTS))
             codes = kmeans(points, self.num_codes, self.kmeans_iters)
-        self._reset_codes(torch.arange(self.num_codes, device=flat.device), codes)
+        self._reset_codes(torch.ones(self.num_codes, dtype=torch.bool, device=flat.device), codes)
         self.initialized.fill_(True)
+        self._initialized = True
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
@@ -262,22 +268,28 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
-        """Re-set codes whose smoothed usage is below threshold to random encoder outputs of flat (N, D) (of every
-        process's batch under data-parallel training)."""
-        dead = torch.nonzero(self.usage < self.restart_threshold / self.num_codes).squeeze(1)
-        if len(dead) > 0:
-            self._reset_codes(dead, sample_rows(distributed.gather_rows(flat), len(dead)))
-            self.restart_count += len(dead)
+        """Re-set codes whose smoothed usage is below threshold to random encoder outputs of flat (N, D) (drawn
+        from every process's batch under data-parallel training).
+
+        Shapes never depend on how many codes are dead, so nothing waits for the GPU: K candidate vectors are
+        drawn every step and only the dead codes take theirs.
+        """
+        dead = self.usage < self.restart_threshold / self.num_codes  # (K,) bool
+        candidates = sample_rows(distributed.gather_rows(sample_rows(flat, self.num_codes)), self.num_codes)
+        self._reset_codes(dead, candidates)
+        self.restart_count += dead.sum()
 
     @torch.no_grad()
-    def _reset_codes(self, idx: torch.Tensor, vectors: torch.Tensor) -> None:
-        """Set codes `idx` (n,) to `vectors` (n, D), as if each had just been chosen once, by itself.
+    def _reset_codes(self, mask: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Set the codes where mask (K,) bool is True to their rows of vectors (K, D), as if each had just been
+        chosen once, by itself.
 
         With EMA their statistics restart too (count 1, sum = the vector), so the old averages do not pull them
         straight back; their usage restarts at 1/K, which gives them time to be chosen before the next restart.
         """
-        self.codebook[idx] = vectors
+        rows = mask.unsqueeze(1)
+        self.codebook.copy_(torch.where(rows, vectors, self.codebook))
         if self.ema:
-            self.cluster_size[idx] = 1.0
-            self.embed_sum[idx] = vectors
-        self.usage[idx] = 1.0 / self.num_codes
+            self.cluster_size.masked_fill_(mask, 1.0)
+            self.embed_sum.copy_(torch.where(rows, vectors, self.embed_sum))
+        self.usage.masked_fill_(mask, 1.0 / self.num_codes)
