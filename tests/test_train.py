@@ -397,3 +397,18 @@ def test_a_steady_training_step_waits_for_the_device_at_most_once():
         T.train_epoch(model, images, optimizer, scheduler, config, device, 2, False)
     assert sum(syncs.ops.values()) <= 4, syncs.ops
     assert model.quantizer.restarts_total >= restarts  # restarts are still counted (on the device)
+
+
+def test_validation_on_the_device_matches_scikit_image(run3, tiny_phantom):
+    """`validate` scores with ssim_torch on the device; the scikit-image numbers of the same model agree."""
+    model, _ = load_model(run3[0] / "best.pt")
+    images = load_split(tiny_phantom, "validate", progress=False).images
+    scores = T.validate(model, images, 16, torch.device("cpu"))
+    recon, indices = T.reconstruct(model, images, 16)
+    ssim, psnr = ssim_psnr(recon, np.asarray(images))
+    usage = CodeUsage(model.config.codebook_size)
+    usage.update(indices)
+    assert scores["val_ssim"] == pytest.approx(ssim.mean(), abs=1e-5)
+    assert scores["val_psnr"] == pytest.approx(psnr.mean(), abs=1e-3)
+    assert scores["val_recon"] == pytest.approx(float(np.mean((recon - np.asarray(images)) ** 2)), rel=1e-5)
+    assert (scores["val_active"], scores["val_perplexity"]) == (usage.active, pytest.approx(usage.perplexity))

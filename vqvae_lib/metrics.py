@@ -113,6 +113,13 @@ class CodeUsage:
             raise ValueError(f"code indices must lie in [0, {self.num_codes}), got values in [{low}, {high}]")
         self._counts += np.bincount(flat, minlength=self.num_codes)
 
+    def add(self, counts: np.ndarray) -> None:
+        """Add a histogram (K,) of code counts made elsewhere (e.g. on the GPU)."""
+        counts = np.asarray(counts)
+        if counts.shape != (self.num_codes,):
+            raise ValueError(f"counts must have shape ({self.num_codes},), got {counts.shape}")
+        self._counts += np.rint(counts).astype(np.int64)
+
     @property
     def counts(self) -> np.ndarray:
         """(K,) int64: how often each code was used (a copy)."""
