@@ -48,3 +48,31 @@ def test_common_recipe_dataset_resizes_and_scales_each_file(tiny_phantom):
 def test_bench_names_a_missing_data_folder(tmp_path, capsys):
     assert main(["bench", "--data-dir", str(tmp_path / "nowhere"), "--steps", "1"]) == 2
     assert f"{tmp_path / 'nowhere'} does not exist; write the full-size phantom there with" in capsys.readouterr().err
+
+
+def test_no_warm_up_and_the_peak_memory_of_macos(tiny_phantom, monkeypatch):
+    images = torch.from_numpy(np.array(data.load_split(tiny_phantom, "validate", progress=False).images))[:, None]
+    config = bench.make_config("default", hidden=16, res_hidden=8, codebook_size=16, embed_dim=8, device="cpu")
+    assert np.isfinite(bench.bench_pipeline(config, images[:32], torch.device("cpu"), 0, 1))  # --warmup 0
+    seen = []
+    real = bench.train_epoch
+    monkeypatch.setattr(bench, "train_epoch", lambda model, subset, *a, **k: (seen.append(len(subset)),
+                                                                              real(model, subset, *a, **k)))
+    bench.bench_pipeline(config, images[:40], torch.device("cpu"), 1, None)  # a whole epoch of 40: 32 + 8
+    assert seen == [32 + 8, 40]  # the warm-up has seen the partial batch too
+
+    class Usage:
+        ru_maxrss = 3 * 2**30  # bytes on macOS, kilobytes on Linux
+    monkeypatch.setattr(bench.resource, "getrusage", lambda who: Usage)
+    monkeypatch.setattr(bench.sys, "platform", "darwin")
+    assert bench._peak_rss_mb() == 3 * 1024
+    monkeypatch.setattr(bench.sys, "platform", "linux")
+    assert bench._peak_rss_mb() == 3 * 2**20
+
+
+def test_the_clock_waits_for_mps(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    bench._sync(torch.device("mps"))
+    bench._sync(torch.device("cpu"))
+    assert calls == ["mps"]

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,12 +53,16 @@ def machine() -> dict[str, Any]:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux kilobytes
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so the clock reads the time it took."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def bench_data(data_dir: str | Path, workers: int | None = None, progress: bool = True) -> dict[str, Any]:
@@ -101,8 +106,10 @@ class PerFileSlices(Dataset):
 
 
 def _timed(run: Callable[[Any], int], warmup: int, steps: int | None, device: torch.device) -> float:
-    """Images per second of run(steps) after run(warmup); run(n) trains n steps and returns the images seen."""
-    run(warmup)
+    """Images per second of run(steps) after run(warmup) (none with warmup=0); run(n) trains n steps and returns
+    the images seen."""
+    if warmup:
+        run(warmup)
     _sync(device)
     started = time.perf_counter()
     images = run(steps)
@@ -148,6 +155,8 @@ def bench_pipeline(config: TrainConfig, images: torch.Tensor, device: torch.devi
 
     def run(n: int | None) -> int:
         subset = images if n is None else images[:n * BATCH]
+        if n == warmup and steps is None:  # warm up on the epoch's last, partial batch size too (a compiled
+            subset = images[:n * BATCH + len(images) % BATCH]  # model compiles once more for a new shape)
         train_epoch(model, subset, optimizer, scheduler, config, device, epoch=1, progress=progress and n is None)
         return len(subset)
 
