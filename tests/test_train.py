@@ -412,3 +412,35 @@ def test_validation_on_the_device_matches_scikit_image(run3, tiny_phantom):
     assert scores["val_psnr"] == pytest.approx(psnr.mean(), abs=1e-3)
     assert scores["val_recon"] == pytest.approx(float(np.mean((recon - np.asarray(images)) ** 2)), rel=1e-5)
     assert (scores["val_active"], scores["val_perplexity"]) == (usage.active, pytest.approx(usage.perplexity))
+
+
+def test_cudnn_autotuning_is_on_for_cuda_runs_only_and_restored():
+    before = torch.backends.cudnn.benchmark
+    with T.cudnn_autotune(torch.device("cuda")):
+        assert torch.backends.cudnn.benchmark is True
+    assert torch.backends.cudnn.benchmark == before
+    with T.cudnn_autotune(torch.device("cpu")):
+        assert torch.backends.cudnn.benchmark == before
+
+
+def test_batches_for_a_gpu_go_through_pinned_memory(monkeypatch):
+    moves = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: moves.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking=False: moves.append(
+        (str(device), non_blocking)) or self)
+    x = torch.zeros(2, 1, 4, 4)
+    T.batch_to(x, torch.device("cuda", 0))
+    assert moves == ["pin", ("cuda:0", True)]
+    assert T.batch_to(x, torch.device("cpu")) is x and len(moves) == 2  # already there: no copy
+
+
+def test_kmeans_codes_come_from_rank_0(monkeypatch):
+    """Under data-parallel training every replica takes rank 0's initial codes (its broadcast)."""
+    from vqvae_lib import distributed
+    from vqvae_lib.quantizer import VectorQuantizer
+
+    rank0 = torch.full((16, 4), 7.0)
+    monkeypatch.setattr(distributed, "broadcast_tensor", lambda codes: codes.copy_(rank0))
+    q = VectorQuantizer(16, 4, init="kmeans")
+    q._init_from_data(torch.randn(128, 4))
+    assert torch.equal(q.codebook, rank0) and torch.equal(q.embed_sum, rank0)

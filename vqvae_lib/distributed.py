@@ -153,6 +153,13 @@ def main_first(main: Callable[[], T], others: Callable[[], T] | None = None) -> 
     return (others or main)()
 
 
+def broadcast_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values of `tensor`, in place on every process; returns it."""
+    if active():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
 def broadcast_object(obj: T) -> T:
     """Rank 0's `obj` (any picklable value), on every process."""
     if not active():

@@ -35,7 +35,7 @@ from .checkpoint import CheckpointError, load_model, load_module
 from .data import SplitData, load_split
 from .fileio import atomic_write
 from .model import VQVAE
-from .train import check_run_settings, for_device, optimizer_for, select_device
+from .train import check_run_settings, cudnn_autotune, for_device, optimizer_for, select_device
 
 
 @dataclass
@@ -368,7 +368,7 @@ def _fit_prior(vq: VQVAE, vq_payload: dict[str, Any], vq_checkpoint: str | Path,
     conditioned = config.model["positions"] > 0
     steps = config.epochs * math.ceil(len(train_maps) / config.batch_size)
 
-    with torch.random.fork_rng(devices=runs.cuda_devices(device)):
+    with torch.random.fork_rng(devices=runs.cuda_devices(device)), cudnn_autotune(device):
         torch.manual_seed(config.seed)
         model = PixelCNNPrior(PriorConfig.from_dict(config.model)).to(device)
         optimizer, scheduler = optimizer_for(model, config, steps)

@@ -242,6 +242,8 @@ class VectorQuantizer(nn.Module):
         else:
             points = sample_rows(flat, min(len(flat), KMEANS_MAX_POINTS))
             codes = kmeans(points, self.num_codes, self.kmeans_iters)
+        # Rank 0's codes for all: k-means sums with float atomics on CUDA, so replicas could differ in the last bits.
+        distributed.broadcast_tensor(codes)
         self._reset_codes(torch.ones(self.num_codes, dtype=torch.bool, device=flat.device), codes)
         self.initialized.fill_(True)
         self._initialized = True

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -214,6 +214,30 @@ def _quantizer(model: VQVAE) -> VectorQuantizer:
     return next(m for m in model.modules() if isinstance(m, VectorQuantizer))
 
 
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device) -> Iterator[None]:
+    """On CUDA, let cuDNN time its convolution algorithms for our fixed shapes (`cudnn.benchmark`) for the block;
+    the caller's setting is restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def batch_to(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on `device`. From CPU memory to a GPU through pinned memory, so the copy runs asynchronously (a
+    batch indexed out of the pinned split is itself pageable)."""
+    if batch.device == device:
+        return batch
+    if device.type == "cuda" and batch.device.type == "cpu":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
+
+
 def resident_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """(N, H, W) array -> (N, 1, H, W) float32 tensor, on `device` when it fits (else in pinned CPU memory).
 
@@ -310,7 +334,7 @@ def train_epoch(net: torch.nn.Module, images: torch.Tensor, optimizer: torch.opt
               leave=False) as bar:
         for start, stop in batches:
             mine = torch.tensor_split(order[start:stop], world)[rank]
-            x = images[mine].to(device, non_blocking=True)
+            x = batch_to(images[mine], device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
                 out = net(x)
             recon = out.recon.float()
@@ -378,7 +402,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
         steps, per_epoch = config.epochs * len(batches), sum(stop - start for start, stop in batches)
 
         # The run's RNG use stays inside: the caller's global RNG state is the same afterwards.
-        with torch.random.fork_rng(devices=runs.cuda_devices(device)):
+        with torch.random.fork_rng(devices=runs.cuda_devices(device)), cudnn_autotune(device):
             torch.manual_seed(config.seed)
             model, optimizer, scheduler = prepare_model(VQVAE(config.model_config()), config, device, steps)
             if compile:

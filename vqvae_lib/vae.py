@@ -30,7 +30,8 @@ from .checkpoint import load_module
 from .data import load_split
 from .metrics import ssim_psnr
 from .model import Decoder, Encoder, ModelConfig
-from .train import TrainConfig, for_device, prepare_model, resident_images, select_device
+from .train import (TrainConfig, batch_to, cudnn_autotune, for_device, prepare_model, resident_images,
+                    select_device)
 
 ACTIVE_KL = 0.01  # nats per position: a latent channel with less mean KL carries (almost) no information
 
@@ -131,7 +132,7 @@ def _fit_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, pay
     images, val_images = resident_images(train_split.images[:config.limit], device), val_split.images
     steps = config.epochs * math.ceil(len(images) / config.batch_size)
 
-    with torch.random.fork_rng(devices=runs.cuda_devices(device)):
+    with torch.random.fork_rng(devices=runs.cuda_devices(device)), cudnn_autotune(device):
         torch.manual_seed(config.seed)
         model, optimizer, scheduler = prepare_model(GaussianVAE(config.model_config()), config, device, steps)
 
@@ -142,7 +143,7 @@ def _fit_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, pay
             with tqdm(total=len(images), desc=f"VAE epoch {epoch}/{config.epochs}", unit="img", disable=not progress,
                       leave=False) as bar:
                 for start in range(0, len(images), config.batch_size):
-                    x = images[order[start:start + config.batch_size]].to(device, non_blocking=True)
+                    x = batch_to(images[order[start:start + config.batch_size]], device)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
                         out = model(x)
                     loss, mse, kl = neg_elbo(x, out)
