@@ -444,3 +444,20 @@ def test_kmeans_codes_come_from_rank_0(monkeypatch):
     q = VectorQuantizer(16, 4, init="kmeans")
     q._init_from_data(torch.randn(128, 4))
     assert torch.equal(q.codebook, rank0) and torch.equal(q.embed_sum, rank0)
+
+
+def test_a_compiled_model_compiles_once_whatever_the_batch_size():
+    """An epoch of 20 slices in batches of 8 ends with a batch of 4: the compiled encoder and decoder are not
+    compiled again for it (two graphs in all, one each)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    config = T.make_config("default", **TINY, limit=20, batch_size=8, device="cpu", epochs=2)
+    torch.manual_seed(0)
+    model, optimizer, scheduler = T.prepare_model(VQVAE(config.model_config()), config, torch.device("cpu"), 6)
+    T.compile_model(model)
+    for epoch in (1, 2):
+        T.train_epoch(model, torch.rand(20, 1, 64, 32), optimizer, scheduler, config, torch.device("cpu"), epoch,
+                      False)
+    assert counters["stats"]["unique_graphs"] == 2

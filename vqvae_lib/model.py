@@ -180,7 +180,11 @@ class VQVAE(nn.Module):
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         """x: (B, in_channels, H, W) -> VQVAEOutput (recon: (B, in_channels, H, W))."""
         self._check_input(x)
+        # A compiled encoder and decoder (`train.compile_model`) take any batch size, so an epoch's last, smaller
+        # batch does not compile them again; no effect without torch.compile.
+        torch._dynamo.maybe_mark_dynamic(x, 0)
         vq = self.quantizer(self.encoder(x))
+        torch._dynamo.maybe_mark_dynamic(vq.quantized, 0)
         return VQVAEOutput(recon=self.decoder(vq.quantized), vq=vq)
 
     @torch.no_grad()
