@@ -282,7 +282,7 @@ def validate(model: VQVAE, images: np.ndarray, batch_size: int, device: torch.de
     """Scores of the whole split images (N, H, W): recon MSE (of the clipped reconstruction), mean SSIM and PSNR,
     perplexity and number of active codes over the split.
 
-    Computed on `device` and read once (SSIM by `ssim_torch`, which matches scikit-image's to about 1e-6, so a
+    Computed on `device` and read once (SSIM by `ssim_torch`, which matches scikit-image's to about 1e-5, so a
     GPU does not wait for the CPU every epoch); `evaluate` reports scikit-image's own numbers.
     """
     was_training = model.training
