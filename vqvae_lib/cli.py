@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from . import data, distributed, phantom, train
+from . import data, distributed, phantom, runs, train
 from .checkpoint import CheckpointError, load_checkpoint
 from .fileio import save_json
 
@@ -95,9 +95,9 @@ def _data_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shape-policy", choices=data.SHAPE_POLICIES, default="crop",
+    p.add_argument("--shape-policy", choices=data.SHAPE_POLICIES, default=runs.DATA_OPTIONS["shape_policy"],
                    help="what to do with slices that are not 256x128 (default: crop the centre)")
-    p.add_argument("--normalization", choices=data.NORMALIZATIONS, default="percentile",
+    p.add_argument("--normalization", choices=data.NORMALIZATIONS, default=runs.DATA_OPTIONS["normalization"],
                    help="per-slice intensity scaling (default: percentile; minmax for signed data)")
     p.add_argument("--no-cache", action="store_true", help="decode the slices every time; write no data cache")
 

@@ -534,17 +534,17 @@ def _log_summary(data: SplitData, normalization: str) -> None:
         log.warning("%s: %s; %s", data.split, _negative_text(data.negative), _NEGATIVE_HANDLING[normalization])
 
 
-def _fingerprint(path: str | Path, rel: str) -> list[tuple[str, int, int]]:
+def file_stats(path: str | Path, rel: str) -> list[tuple[str, int, int]]:
     """(relative path, size, mtime_ns) of a slice file, or of every file in a .nii folder."""
     st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
         return [(rel, st.st_size, st.st_mtime_ns)]
-    return [fp for name in sorted(os.listdir(path)) for fp in _fingerprint(os.path.join(path, name), f"{rel}/{name}")]
+    return [fp for name in sorted(os.listdir(path)) for fp in file_stats(os.path.join(path, name), f"{rel}/{name}")]
 
 
 def _cache_key(split: str, files: list[SliceFile], seg_files: Iterable[SliceFile], options: dict[str, Any]) -> str:
     def fingerprints(slices: Iterable[SliceFile]) -> list[tuple[str, int, int]]:
-        return [fp for f in slices for fp in _fingerprint(f.path, f"{f.path.parent.name}/{f.path.name}")]
+        return [fp for f in slices for fp in file_stats(f.path, f"{f.path.parent.name}/{f.path.name}")]
 
     payload = {"version": CACHE_VERSION, "split": split, "options": options,
                "images": fingerprints(files), "masks": fingerprints(seg_files)}

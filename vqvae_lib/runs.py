@@ -34,7 +34,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from .checkpoint import CheckpointError, config_diff, load_checkpoint, save_checkpoint
-from .data import DataError, SplitData, find_split_dirs
+from .data import DataError, SplitData, file_stats, find_split_dirs
 from .fileio import HOST, atomic_write, process_alive, remove_stale_temps, save_json, temp_name
 
 log = logging.getLogger(__name__)
@@ -109,14 +109,11 @@ def data_record(data_dir: str | Path, splits: list[SplitData], options: dict[str
     options = {key: value for key, value in options.items() if key != "cache"}
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     for split in splits:
+        sizes = [sum(size for _, size, _ in file_stats(f.path, f.name)) for f in split.files]
         digest.update(json.dumps([split.split, list(split.images.shape), [f.name for f in split.files],
-                                  [_size(f.path) for f in split.files]]).encode())
+                                  sizes]).encode())
         digest.update(np.ascontiguousarray(split.scales, dtype=np.float32).tobytes())
     return {"dir": str(Path(data_dir).resolve()), "options": options, "fingerprint": digest.hexdigest()}
-
-
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
 
 
 def check_same_data(payload: dict[str, Any], record: dict[str, Any], path: Path, allow_other_data: bool
@@ -199,7 +196,8 @@ def locked(folder: str | Path) -> Iterator[None]:
     try:
         yield
     finally:
-        if _read_lock(path).get("pid") == os.getpid() and _read_lock(path).get("host") == HOST:
+        holder = _read_lock(path)
+        if (holder.get("pid"), holder.get("host")) == (os.getpid(), HOST):
             path.unlink(missing_ok=True)
 
 
