@@ -6,9 +6,9 @@
 #       extension: .py
 #       format_name: percent
 #   kernelspec:
-#     display_name: Python (hipmri-vqvae)
+#     display_name: Python 3 (ipykernel)
 #     language: python
-#     name: hipmri-vqvae
+#     name: python3
 # ---
 
 # %% [markdown]

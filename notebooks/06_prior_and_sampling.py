@@ -6,9 +6,9 @@
 #       extension: .py
 #       format_name: percent
 #   kernelspec:
-#     display_name: Python (hipmri-vqvae)
+#     display_name: Python 3 (ipykernel)
 #     language: python
-#     name: hipmri-vqvae
+#     name: python3
 # ---
 
 # %% [markdown]
@@ -79,7 +79,7 @@ print(f"device: {device}; {'full training run' if full else 'short demonstration
 
 # %%
 vq, vq_payload = checkpoint.load_model(VQ_CHECKPOINT, map_location=device)
-amp = bool(vq_payload["train_config"].get("amp", False))
+amp = train.checkpoint_precision(vq_payload, device)  # as trained, where this device has it
 splits = {name: data.load_split(DATA, name, progress=False) for name in ("train", "validate", "test")}
 maps = {name: prior.encode_maps(vq, split.images, amp=amp) for name, split in splits.items()}
 K = vq.config.codebook_size

@@ -6,9 +6,9 @@
 #       extension: .py
 #       format_name: percent
 #   kernelspec:
-#     display_name: Python (hipmri-vqvae)
+#     display_name: Python 3 (ipykernel)
 #     language: python
-#     name: hipmri-vqvae
+#     name: python3
 # ---
 
 # %% [markdown]
@@ -119,9 +119,9 @@ print(f"{vae_path}: {curve[-1]['val_active']} of {gauss.config.embed_dim} latent
 # %%
 test = data.load_split(DATA, "test", progress=False)
 real = np.asarray(test.images)
-vq_amp = bool(vq_payload["train_config"].get("amp", False))
+vq_amp = train.checkpoint_precision(vq_payload, device)  # as trained, where this device has it
 vq_recon, _ = train.reconstruct(vq, real, device=device, amp=vq_amp)
-vae_amp = bool(vae_payload["train_config"].get("amp", False))
+vae_amp = train.checkpoint_precision(vae_payload, device)
 vae_recon, _ = vae.reconstruct(gauss, real, amp=vae_amp)
 scores = {"VQ-VAE": metrics.ssim_psnr(vq_recon, real), "VAE": metrics.ssim_psnr(vae_recon, real)}
 for name, (ssim, psnr) in scores.items():

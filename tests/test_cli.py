@@ -1,11 +1,23 @@
+import errno
+import io
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from vqvae_lib import phantom
-from vqvae_lib.cli import main
+import vqvae_lib
+from vqvae_lib import data, phantom, prior, runs, train as T
+from vqvae_lib.checkpoint import CheckpointError, load_checkpoint
+from vqvae_lib.cli import build_parser, commands, main, parse_args
+from vqvae_lib.data import DataError
+from vqvae_lib.model import VQVAE, ModelConfig
+
+from test_runs import assert_tables_match
 
 
 def test_inspect_prints_and_writes_the_census(tiny_phantom, tmp_path, capsys):
@@ -91,3 +103,245 @@ def test_train_with_a_missing_data_folder_leaves_no_run_folder(tmp_path, capsys)
     assert main(["train", "--data-dir", str(tmp_path / "TYPO"), "--out", str(tmp_path / "runs" / "a")]) == 2
     assert capsys.readouterr().err == f"error: data folder {tmp_path / 'TYPO'} does not exist\n"
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- config files
+
+def write_toml(path, text: str):
+    path.write_text(text)
+    return path
+
+
+def test_a_config_file_gives_the_options_and_the_command_line_wins(tmp_path):
+    toml = write_toml(tmp_path / "run.toml", 'data_dir = "DATA"\nout = "RUN"\nepochs = 5\nbatch-size = 8\n'
+                                             'lr = 0.01\nno_cache = true\nresume = "auto"\nprecision = "fp16"\n'
+                                             'shape_policy = "pad"\ndownsample = 8\n')
+    args = parse_args(build_parser(), ["train", "--config", str(toml), "--epochs", "7", "--shape-policy", "crop"])
+    assert (args.data_dir, args.out, args.batch_size, args.lr, args.no_cache) == ("DATA", "RUN", 8, 0.01, True)
+    assert (args.resume, args.precision, args.downsample) == ("auto", "fp16", 8)
+    assert (args.epochs, args.shape_policy) == (7, "crop")                    # the command line wins
+    plain = parse_args(build_parser(), ["train", "--data-dir", "D", "--out", "O", "--resume", "--epochs", "2"])
+    assert (plain.resume, plain.epochs, plain.config, plain.precision) == (True, 2, None, None)
+    prior_args = parse_args(build_parser(), ["prior", "--config", str(write_toml(
+        tmp_path / "prior.toml", 'checkpoint = "C"\ndata-dir = "D"\nout = "O"\nkernel = 7\nresume = false\n'))])
+    assert (prior_args.checkpoint, prior_args.kernel, prior_args.resume) == ("C", 7, False)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs = 0", "{toml}: epochs: must be a whole number > 0, got 0"),
+    ('epochs = "3"', "{toml}: epochs: must be a number, got '3'"),
+    ("lr = -1.0", "{toml}: lr: must be a finite number > 0, got -1.0"),
+    ("downsample = 5", "{toml}: downsample: must be one of 4, 8, 16, got 5"),
+    ('precision = "fp8"', "{toml}: precision: must be one of auto, bf16, fp16, fp32, got 'fp8'"),
+    ("no-cache = 1", "{toml}: no-cache: must be true or false, got 1"),
+    ("device = 0", "{toml}: device: must be a string, got 0"),
+    ('resume = "yes"', "{toml}: resume: takes no value or 'auto', got 'yes'"),
+    ("epoch = 3", "{toml}: unknown key 'epoch'; known: allow_other_data, batch_size"),
+    ('config = "other.toml"', "{toml}: unknown key 'config'"),
+    ("epochs = ", "config file {toml} is not valid TOML: Invalid value (at line 1, column 10)"),
+    (None, "cannot read the config file {toml}: No such file or directory"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file_and_key(text, message, tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    if text is not None:
+        write_toml(toml, text + "\n")
+    assert run_cli(["train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m vqvae_lib train: error: ") and message.format(toml=toml) in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_options_a_config_file_does_not_give_are_still_required(tmp_path, capsys):
+    toml = write_toml(tmp_path / "run.toml", "epochs = 2\n")
+    assert run_cli(["train", "--config", str(toml)]) == 2
+    assert "the following arguments are required: --data-dir, --out" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- run folder logs
+
+def tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar event in log_dir, duplicates and all (no purging of orphaned steps)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_config_json_metrics_csv_tensorboard_and_resume_auto(tiny_phantom, tmp_path, capsys):
+    """A run started from a config file with --resume auto (new), resumed twice with --resume auto, the first time
+    without --log-dir: config.json, metrics.csv and TensorBoard's scalars hold every epoch once."""
+    run, tb = tmp_path / "run", tmp_path / "tb"
+    toml = write_toml(tmp_path / "run.toml", f'data_dir = "{tiny_phantom}"\nout = "{run}"\nepochs = 1\nlimit = 8\n'
+                                             'batch_size = 8\ndownsample = 16\ndevice = "cpu"\nresume = "auto"\n'
+                                             'precision = "fp32"\n')
+    assert main(["train", "--config", str(toml)]) == 0
+    first = json.loads((run / "metrics.json").read_text())
+    assert main(["train", "--config", str(toml), "--epochs", "2", "--log-dir", str(tb)]) == 0
+    assert main(["train", "--config", str(toml), "--epochs", "3", "--log-dir", str(tb)]) == 0
+    assert capsys.readouterr().out.count("epoch 3/3: loss") == 1
+
+    history = json.loads((run / "metrics.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3] and history[:1] == first     # resumed, not restarted
+    assert all(r["precision"] == "fp32" for r in history)
+    assert_tables_match(run)
+    config = json.loads((run / "config.json").read_text())
+    last = load_checkpoint(run / "last.pt")
+    assert config["command"] == ["python", "-m", "vqvae_lib", "train", "--config", str(toml), "--epochs", "3",
+                                 "--log-dir", str(tb)]
+    assert config["kind"] == "vqvae" and config["version"] == vqvae_lib.__version__
+    assert config["resumed_from_epoch"] == 2 and config["train_config"] == last["train_config"]
+    assert config["train_config"]["precision"] == "fp32" and config["train_config"]["epochs"] == 3
+    assert config["data"]["options"] == {"shape_policy": "crop", "normalization": "percentile"}
+    assert config["data"]["fingerprint"] == last["data"]["fingerprint"]
+    assert config["options"]["epochs"] == 3 and config["options"]["config"] == str(toml)
+    assert config["options"]["resume"] == "auto" and config["options"]["log_dir"] == str(tb)
+
+    scalars = tensorboard_scalars(tb)
+    numeric = {k for k, v in history[0].items() if isinstance(v, (int, float)) and k != "epoch"}
+    assert set(scalars) == numeric and "val_ssim" in numeric
+    for tag, events in scalars.items():
+        assert [step for step, _ in events] == [1, 2, 3], tag                 # epoch 1 filled in; no duplicates
+        assert [value for _, value in events] == pytest.approx([r[tag] for r in history], rel=1e-6, abs=1e-12)
+
+
+def test_resume_auto_starts_fresh_only_where_no_run_of_its_kind_is(odd_files, tiny_phantom, tmp_path, capsys):
+    """--resume auto never resumes (or replaces) a run of another kind; plain --resume refuses it."""
+    from vqvae_lib.checkpoint import FORMAT
+    run = tmp_path / "vae"
+    run.mkdir()
+    payload = torch.load(odd_files / "epoch.pt", weights_only=True)
+    torch.save({**payload, "format": FORMAT, "kind": "vae", "epoch": 1, "history": [{"epoch": 1}]}, run / "last.pt")
+    before = (run / "last.pt").read_bytes()
+    args = ["train", "--data-dir", str(tiny_phantom), "--out", str(run), "--device", "cpu"]
+    assert main([*args, "--resume", "auto"]) == 2
+    assert f"error: {run} already holds a run (last.pt)" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 2
+    assert f"error: checkpoint {run / 'last.pt'} holds a vae model, not a vqvae model" in capsys.readouterr().err
+    assert (run / "last.pt").read_bytes() == before and sorted(p.name for p in run.iterdir()) == ["last.pt"]
+
+
+def test_log_dir_without_tensorboard_fails_before_any_work(tiny_phantom, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)        # what a missing package gives
+    argv = ["train", "--data-dir", str(tiny_phantom), "--out", str(tmp_path / "run"), "--log-dir", str(tmp_path / "tb")]
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err == ("python -m vqvae_lib train: error: --log-dir needs TensorBoard, which is not installed: "
+                   "pip install 'hipmri-vqvae[tensorboard]' (see python -m vqvae_lib train --help)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- progress, help
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_only_on_a_terminal(terminal, tiny_phantom, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stderr", _Terminal() if terminal else io.StringIO())
+    assert main(["inspect", str(tiny_phantom)]) == 0
+    assert ("\r" in sys.stderr.getvalue()) == terminal
+    assert "no problems found" in capsys.readouterr().out
+
+
+def test_the_console_script_names_itself_and_logs_no_progress_bars_to_a_file(tiny_phantom, tmp_path):
+    script = Path(sys.executable).with_name("hipmri-vqvae")
+    assert script.exists(), f"{script} is missing: pip install -e . in the venv"
+    version = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=120)
+    assert (version.returncode, version.stdout) == (0, f"hipmri-vqvae {vqvae_lib.__version__}\n")
+    run, log = tmp_path / "run", tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        done = subprocess.run([script, "train", "--data-dir", str(tiny_phantom), "--out", str(run), "--epochs", "1",
+                               "--limit", "8", "--batch-size", "8", "--downsample", "16", "--device", "cpu"],
+                              stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=300)
+    assert done.returncode == 0, log.read_text()
+    assert "epoch 1/1: loss" in done.stdout and "\r" not in log.read_text()
+    assert json.loads((run / "config.json").read_text())["command"][:2] == ["hipmri-vqvae", "train"]
+
+
+@pytest.mark.parametrize("argv0, prog", [("/venv/bin/hipmri-vqvae", "hipmri-vqvae"),
+                                         ("/src/vqvae_lib/__main__.py", "python -m vqvae_lib")])
+def test_messages_name_the_command_as_typed(argv0, prog, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert run_cli(["train", "--epochs", "0"]) == 2
+    assert capsys.readouterr().err.startswith(f"{prog} train: error: argument --epochs: must be a whole number")
+    assert run_cli(["--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: {prog} [-h] [--version]")
+
+
+def option_helps(command: str) -> dict[str, str]:
+    """Option -> its help text (whitespace joined) in `COMMAND --help`."""
+    text = commands(build_parser())[command].format_help()
+    chunks = re.split(r"\n  (?=-)", text.split("options:", 1)[1])
+    return {chunk.split()[0].rstrip(","): " ".join(chunk.split()) for chunk in chunks if chunk.strip()}
+
+
+def test_train_help_shows_the_presets_defaults():
+    helps, default, seed = option_helps("train"), T.PRESETS["default"], T.PRESETS["seed"]
+    assert f"(default: {default['epochs']}; seed preset: {seed['epochs']})" in helps["--epochs"]
+    assert f"(default: {default['batch_size']})" in helps["--batch-size"]
+    assert default["batch_size"] == seed["batch_size"]                  # so no "seed preset: ..." follows
+    assert f"(default: {default['lr']})" in helps["--lr"] and default["lr"] == seed["lr"]
+    assert (f"(default: {default['model']['downsample']}; seed preset: {seed['model']['downsample']})"
+            in helps["--downsample"])
+    assert "(default: 0.5; seed preset: 0.0)" in helps["--ssim-weight"] and default["ssim_weight"] == 0.5
+    assert "(default: 8)" in option_helps("prior")["--layers"] and prior.PriorConfig().layers == 8
+
+
+def test_every_option_that_takes_a_value_shows_its_default():
+    for name, command in commands(build_parser()).items():
+        if name in ("notebooks", "ipynb"):  # the notebook runner's options are tested with it
+            continue
+        for action in command._actions:
+            if action.option_strings and action.nargs != 0 and not action.required:
+                assert "default" in (action.help or ""), f"{name} {action.option_strings[0]}"
+
+
+# ---------------------------------------------------------------------------------------------- exit codes
+
+@pytest.mark.parametrize("error, code", [
+    (ValueError("a bad\n value"), 2),
+    (DataError("a bad data folder"), 2),
+    (CheckpointError("a bad checkpoint"), 2),
+    (runs.RunError("a locked run folder"), 2),
+    (FileNotFoundError("no such file"), 2),
+    (NotADirectoryError("not a folder"), 2),
+    (FileExistsError("already exists"), 2),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 1),
+    (RuntimeError("training diverged\n in epoch 3"), 1),
+    (OSError(errno.ENOSPC, "No space left on device"), 1),
+    (KeyboardInterrupt(), 130),
+])
+def test_exit_codes(error, code, tmp_path, monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(data, "inspect", fail)
+    assert main(["inspect", str(tmp_path)]) == code
+    expected = "interrupted" if code == 130 else f"error: {' '.join(str(error).split())}"
+    assert capsys.readouterr().err == expected + "\n"
+
+
+def test_resume_and_overwrite_exclude_each_other(tmp_path, capsys):
+    assert run_cli(["vae", "--data-dir", "D", "--out", str(tmp_path / "run"), "--resume", "auto", "--overwrite"]) == 2
+    assert "vae: error: --resume and --overwrite exclude each other" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["vae", "prior"])
+def test_vae_and_prior_pass_precision_and_config_files_on(command, odd_files, tmp_path, monkeypatch, capsys):
+    """The options reach the trainer's config (the trainer itself is replaced: nothing trains)."""
+    from vqvae_lib import checkpoint, vae
+    seen = {}
+
+    def trainer(*args, **kwargs):
+        seen.update(config=args[-1], resume=kwargs["resume"])
+        return [{"epoch": 1, "val_ssim": 0.5, "val_nll": 1.0}]
+
+    monkeypatch.setattr(vae, "train_vae", trainer)
+    monkeypatch.setattr(prior, "train_prior", trainer)
+    monkeypatch.setattr(checkpoint, "load_model", lambda path: (VQVAE(ModelConfig(codebook_size=64)), {}))
+    toml = write_toml(tmp_path / "run.toml", f'out = "{tmp_path / "run"}"\ndata_dir = "D"\nepochs = 2\n'
+                                             'resume = "auto"\n' + 'checkpoint = "C"\n' * (command == "prior"))
+    assert main([command, "--config", str(toml), "--precision", "bf16"]) == 0
+    assert (seen["config"].precision, seen["config"].epochs, seen["resume"]) == ("bf16", 2, False)

@@ -2,10 +2,12 @@
 
 import json
 
+import jupytext
 import matplotlib.image as mpimg
 import pytest
 
 from vqvae_lib import runner
+from vqvae_lib.cli import main
 
 FIGURES = {
     "01": ["01_split_counts.png", "01_patient_splits.png", "01_shape_policy.png", "01_intensity_histograms.png",
@@ -46,6 +48,33 @@ def executed(tiny_phantom, tmp_path_factory):
 
 def test_every_numbered_notebook_has_a_figure_list():
     assert sorted(p.stem[:2] for p in runner.notebook_paths()) == sorted(FIGURES)
+
+
+@pytest.mark.parametrize("script", [*runner.notebook_paths(), runner.NOTEBOOK_DIR / "explorer_app.py"],
+                         ids=lambda p: p.stem)
+def test_sources_declare_the_standard_python3_kernel(script):
+    assert jupytext.read(script).metadata["kernelspec"] == runner.PYTHON3
+
+
+def test_a_folder_without_notebooks_is_an_error(tmp_path, capsys):
+    (tmp_path / "notes.py").write_text("")
+    with pytest.raises(FileNotFoundError, match=f"no numbered notebooks .* in {tmp_path}; pass --notebook-dir"):
+        runner.notebook_paths(source=tmp_path)
+    assert main(["notebooks", "--notebook-dir", str(tmp_path)]) == 2
+    assert f"error: no numbered notebooks (NN_name.py) in {tmp_path}" in capsys.readouterr().err
+
+
+def test_notebooks_are_run_from_the_folder_given(tmp_path, capsys):
+    folder, figs = tmp_path / "elsewhere", tmp_path / "figs"
+    folder.mkdir()
+    figs.mkdir()
+    (folder / "01_hello.py").write_text('# %% tags=["parameters"]\nSMOKE = False\nFIG_DIR = "."\n\n'
+                                        '# %%\nfrom pathlib import Path\n\n'
+                                        'Path(FIG_DIR, "hello.txt").write_text(f"{SMOKE} {Path.cwd()}")\n')
+    args = ["notebooks", "--notebook-dir", str(folder), "--build", str(tmp_path / "build"), "--fig-dir", str(figs)]
+    assert main([*args, "--smoke"]) == 0
+    assert (figs / "hello.txt").read_text() == f"True {folder}"
+    assert f"executed {tmp_path / 'build' / 'executed' / '01_hello.ipynb'}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("number", sorted(FIGURES))

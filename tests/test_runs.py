@@ -6,6 +6,7 @@ between two files, during a training step, while the data cache is built) or at 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -88,8 +89,8 @@ def cli(args: list[str], kill_at: str | None = None, timeout: float = 300) -> su
 
 
 def requeue_args(data_dir: Path, out: Path) -> list[str]:
-    """The README's requeue line: --resume when the folder holds a last.pt."""
-    return [*TRAIN, "--data-dir", str(data_dir), "--out", str(out)] + (["--resume"] * (out / "last.pt").exists())
+    """The README's requeue line: --resume auto."""
+    return [*TRAIN, "--data-dir", str(data_dir), "--out", str(out), "--resume", "auto"]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -105,6 +106,19 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert best_a["epoch"] == best_b["epoch"]
     assert all(torch.equal(best_a["model_state"][k], best_b["model_state"][k]) for k in best_a["model_state"])
     assert untimed(json.loads((a / "metrics.json").read_text())) == untimed(last_b["history"])
+    assert_tables_match(b)
+    assert json.loads((b / "config.json").read_text())["train_config"] == last_b["train_config"]
+
+
+def assert_tables_match(folder: Path) -> None:
+    """metrics.csv holds the values of metrics.json, one row per epoch."""
+    history = json.loads((folder / "metrics.json").read_text())
+    with open(folder / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in rows] == [record["epoch"] for record in history]
+    for row, record in zip(rows, history):
+        assert set(row) == set(record)
+        assert all(row[k] == v if isinstance(v, str) else float(row[k]) == v for k, v in record.items()), row
 
 
 def assert_clean(*folders: Path) -> None:
@@ -170,6 +184,8 @@ def test_overwrite_refuses_a_run_of_another_kind(vq_run, tiny_phantom, tmp_path,
 def test_a_failed_overwrite_puts_the_old_run_back_and_a_finished_epoch_replaces_it(vq_run, tiny_phantom, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(vq_run, run)
+    for name in ("config.json", "metrics.csv"):  # a run written before these existed: the new run's go again
+        (run / name).unlink()
     before = snapshot(run)
     forward = VQVAE.forward
 
@@ -187,8 +203,10 @@ def test_a_failed_overwrite_puts_the_old_run_back_and_a_finished_epoch_replaces_
     seen = []
     history = T.train(tiny_phantom, run, tiny(epochs=2, limit=8, seed=5), overwrite=True, progress=False,
                       callback=lambda record: seen.append(sorted(p.name for p in run.iterdir())))
-    assert seen[0] == [runs.LOCK, "best.pt", "last.pt", "metrics.json"]   # the old run went after epoch 1
+    assert seen[0] == [runs.LOCK, "best.pt", "config.json", "last.pt", "metrics.csv", "metrics.json"]  # old one gone
     assert len(history) == 2 and load_checkpoint(run / "last.pt")["train_config"]["seed"] == 5
+    assert json.loads((run / "config.json").read_text())["train_config"]["seed"] == 5
+    assert_tables_match(run)
     assert_clean(run)
 
 
@@ -199,6 +217,8 @@ def test_a_killed_overwrite_is_put_back_by_the_next_run(vq_run, data_copy, refer
     killed = cli([*TRAIN, "--data-dir", str(data_copy), "--out", str(run), "--overwrite"], kill_at="step:1")
     assert killed.returncode == -signal.SIGKILL
     assert (run / runs.REPLACED / "last.pt").exists() and not (run / "last.pt").exists()
+    assert {"config.json", "metrics.csv"} <= {p.name for p in (run / runs.REPLACED).iterdir()}
+    assert json.loads((run / "config.json").read_text())["resumed_from_epoch"] == 0  # written as the run started
     again = cli([*TRAIN, "--data-dir", str(data_copy), "--out", str(run)])  # no --overwrite: refused, after...
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert "restoring the run that an interrupted overwrite was replacing" in again.stderr
@@ -253,11 +273,11 @@ def test_two_train_processes_on_one_folder_and_the_lock_of_a_killed_one(data_cop
 
 
 def test_a_kill_between_last_pt_and_best_pt_resumes(data_copy, reference, tmp_path):
-    """Writes: the lock, then last.pt of epoch 1 (the 2nd): killed before best.pt exists."""
+    """Writes: the lock, config.json, then last.pt of epoch 1 (the 3rd): killed before best.pt exists."""
     run = tmp_path / "run"
-    assert cli(requeue_args(data_copy, run), kill_at="after:2").returncode == -signal.SIGKILL
-    assert sorted(p.name for p in run.iterdir()) == [runs.LOCK, "last.pt"]
-    done = cli(requeue_args(data_copy, run))                               # --resume, as the requeue line says
+    assert cli(requeue_args(data_copy, run), kill_at="after:3").returncode == -signal.SIGKILL
+    assert sorted(p.name for p in run.iterdir()) == [runs.LOCK, "config.json", "last.pt"]
+    done = cli(requeue_args(data_copy, run))                               # resumed, as --resume auto says
     assert done.returncode == 0, done.stderr
     assert "rewriting best.pt of epoch 1 from last.pt" in done.stderr
     assert_same_run(reference, run)
@@ -265,7 +285,7 @@ def test_a_kill_between_last_pt_and_best_pt_resumes(data_copy, reference, tmp_pa
 
 def test_a_kill_inside_a_write_leaves_a_temp_file_that_the_next_run_removes(data_copy, reference, tmp_path):
     run = tmp_path / "run"
-    assert cli(requeue_args(data_copy, run), kill_at="write:2").returncode == -signal.SIGKILL
+    assert cli(requeue_args(data_copy, run), kill_at="write:3").returncode == -signal.SIGKILL
     temps = [p.name for p in run.iterdir() if p.name.startswith(".last.pt.") and p.name.endswith(".tmp")]
     assert len(temps) == 1 and not (run / "last.pt").exists()
     done = cli(requeue_args(data_copy, run))                               # no last.pt: a new run
@@ -285,7 +305,7 @@ def test_killed_at_random_moments_a_run_finishes_as_if_never_interrupted(tiny_ph
                                                                          tmp_path, capsys):
     """24 attempts in 4 folders, each killed (SIGKILL) at a seeded moment: inside a file write, between two
     files, at a training step, during the data cache build (the first folders decode a fresh copy of the data),
-    or after a random delay; then each folder is run to its end with the README's requeue line."""
+    or after a random delay; then each folder is run to its end with the README's requeue line (--resume auto)."""
     rng = random.Random(20261201)
     kills, killed_at = 0, []
     for scenario in range(4):

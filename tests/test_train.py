@@ -19,7 +19,8 @@ from vqvae_lib.model import VQVAE
 
 TINY = dict(hidden=16, res_hidden=8, codebook_size=32, embed_dim=8)
 RECORD_KEYS = {"epoch", "lr", "train_loss", "train_recon", "train_ssim", "train_commitment", "train_codebook", "val_recon",
-               "val_ssim", "val_psnr", "val_perplexity", "val_active", "restarts", "seconds", "images_per_s"}
+               "val_ssim", "val_psnr", "val_perplexity", "val_active", "restarts", "seconds", "images_per_s",
+               "precision"}
 TIMING = ("seconds", "images_per_s")
 
 
@@ -150,12 +151,13 @@ def test_select_device():
 
 def test_a_run_writes_checkpoints_and_metrics_with_every_field(run3):
     out, history = run3
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.json"]  # no temp files
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv",
+                                                     "metrics.json"]  # no temp files
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert json.loads((out / "metrics.json").read_text()) == history
     for record in history:
-        assert set(record) == RECORD_KEYS
-        assert all(math.isfinite(v) for v in record.values()), record
+        assert set(record) == RECORD_KEYS and record["precision"] == "bf16"  # the default recipe on a CPU
+        assert all(math.isfinite(v) for k, v in record.items() if k != "precision"), record
         assert record["train_loss"] > record["train_recon"] > 0 and record["train_commitment"] > 0
         assert 0 < record["train_ssim"] < 1
         assert record["train_loss"] == pytest.approx(record["train_recon"] + 0.5 * (1 - record["train_ssim"])
@@ -170,7 +172,8 @@ def test_a_run_writes_checkpoints_and_metrics_with_every_field(run3):
     last = load_checkpoint(out / "last.pt")
     assert last["epoch"] == 3 and last["history"] == history
     assert last["train_config"] == tiny(epochs=3).to_dict() and last["model_config"] == tiny().model
-    assert {"optimizer_state", "scheduler_state", "rng"} <= set(last)
+    assert {"optimizer_state", "scheduler_state", "rng"} <= set(last) and "scaler_state" not in last  # no fp16
+    assert last["precision"] == "bf16"
     best = load_checkpoint(out / "best.pt")
     assert best["epoch"] == 1 + int(np.argmax([h["val_ssim"] for h in history]))
     assert best["train_config"] == last["train_config"] and "optimizer_state" not in best
@@ -189,7 +192,8 @@ def test_an_interrupted_run_resumes_exactly(run3, interrupted, tiny_phantom):
     """Ctrl-C in the middle of epoch 3 keeps last.pt of epoch 2; resuming gives the uninterrupted run."""
     out, last_of_epoch_2, _ = interrupted
     assert (out / "last.pt").read_bytes() == last_of_epoch_2               # intact
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv",
+                                                     "metrics.json"]
     assert len(json.loads((out / "metrics.json").read_text())) == 2
 
     history = T.train(tiny_phantom, out, tiny(epochs=3), resume=True, progress=False)
@@ -328,13 +332,15 @@ def test_compiled_training_matches_eager(tiny_phantom, tmp_path):
     assert eager_state.keys() == compiled_state.keys()
 
 
-def test_on_mps_runs_use_no_bf16_autocast_or_channels_last():
+def test_on_mps_runs_use_fp32_and_no_channels_last():
     config = T.make_config("default")
     on_mps = T.for_device(config, torch.device("mps"))
-    assert (on_mps.amp, on_mps.channels_last) == (False, False) and (config.amp, config.channels_last) == (True, True)
-    assert T.for_device(config, torch.device("cpu")) is config and T.for_device(config, torch.device("cuda")) is config
+    assert (on_mps.precision, on_mps.channels_last) == ("fp32", False)
+    assert (config.precision, config.channels_last) == ("auto", True)  # the saved config keeps what was asked for
+    on_cpu = T.for_device(config, torch.device("cpu"))
+    assert (on_cpu.precision, on_cpu.channels_last) == ("bf16", True)
     from vqvae_lib.prior import make_prior_config
-    assert T.for_device(make_prior_config(), torch.device("mps")).amp is False
+    assert T.for_device(make_prior_config(), torch.device("mps")).precision == "fp32"
 
 
 def test_no_float64_op_runs_in_the_training_loops(tiny_phantom, tmp_path):

@@ -7,8 +7,8 @@ shared machine move from run to run; ratios measured side by side much less):
   memory, and the peak memory of both;
 - training: images/s of the common recipe (a Dataset that opens, decodes and resizes each file when it is
   asked for, a DataLoader with one worker, fp32, batch 32, the `seed` preset's model), of our pipeline with
-  that same model (the split resident in device memory, bf16 autocast, channels-last: `train.train_epoch`),
-  and of our pipeline with the default preset;
+  that same model (the split resident in device memory, mixed precision as `train.resolve_precision` picks
+  it, channels-last: `train.train_epoch`), and of our pipeline with the default preset;
 - evaluation: slices/s to reconstruct a split and score every slice (SSIM and PSNR).
 """
 
@@ -35,8 +35,8 @@ from . import data
 from .checkpoint import load_model
 from .metrics import ssim_psnr
 from .model import VQVAE
-from .train import (TrainConfig, compile_model, make_config, prepare_model, reconstruct, resident_images,
-                    select_device, train_epoch)
+from .train import (TrainConfig, checkpoint_precision, compile_model, for_device, grad_scaler, make_config,
+                    prepare_model, reconstruct, resident_images, resolve_precision, select_device, train_epoch)
 
 BATCH = 32
 
@@ -148,8 +148,10 @@ def bench_pipeline(config: TrainConfig, images: torch.Tensor, device: torch.devi
     """Images/s of our training loop (`train.train_epoch`) with `config` on the resident images (N, 1, H, W):
     `steps` batches, or with steps=None one whole epoch over all of them."""
     torch.manual_seed(0)
+    config = for_device(config, device)
     total = warmup + (steps if steps is not None else math.ceil(len(images) / BATCH))  # the schedule's length
     model, optimizer, scheduler = prepare_model(VQVAE(config.model_config()), config, device, total)
+    scaler = grad_scaler(config.precision, device)
     if compile:
         compile_model(model)
 
@@ -157,14 +159,15 @@ def bench_pipeline(config: TrainConfig, images: torch.Tensor, device: torch.devi
         subset = images if n is None else images[:n * BATCH]
         if n == warmup and steps is None:  # warm up on the epoch's last, partial batch size too (a compiled
             subset = images[:n * BATCH + len(images) % BATCH]  # model compiles once more for a new shape)
-        train_epoch(model, subset, optimizer, scheduler, config, device, epoch=1, progress=progress and n is None)
+        train_epoch(model, subset, optimizer, scheduler, config, device, epoch=1, progress=progress and n is None,
+                    scaler=scaler)
         return len(subset)
 
     return _timed(run, warmup, steps, device)
 
 
-def bench_eval(model: VQVAE, images: np.ndarray, device: torch.device, amp: bool) -> float:
-    """Slices/s to reconstruct images (N, H, W) and score each (SSIM and PSNR)."""
+def bench_eval(model: VQVAE, images: np.ndarray, device: torch.device, amp: bool | str) -> float:
+    """Slices/s to reconstruct images (N, H, W) and score each (SSIM and PSNR); amp as in `train.reconstruct`."""
     started = time.perf_counter()
     recon, _ = reconstruct(model, images, 64, device, amp=amp)
     ssim_psnr(recon, images)
@@ -200,13 +203,14 @@ def run(data_dir: str | Path, *, device: str = "auto", warmup: int = 2, steps: i
     ours_same = bench_pipeline(make_config("seed", amp=True, channels_last=True), images, dev, warmup, steps,
                                compile)
     default = bench_pipeline(make_config("default"), images, dev, warmup, steps, compile)
+    precision = resolve_precision(make_config("default"), dev)
     t = result["train"] = {"steps": steps, "batch_size": BATCH, "common_recipe_images_per_s": common,
                            "ours_seed_model_images_per_s": ours_same, "ours_default_images_per_s": default,
                            "ratio_same_model": ours_same / common, "ratio_default": default / common,
-                           "compile": compile}
-    report(f"train ({steps} steps of {BATCH} after {warmup} warm-up): common recipe {common:.1f} img/s; ours, same "
-           f"model {ours_same:.1f} img/s = {t['ratio_same_model']:.2f}x; ours, default preset {default:.1f} "
-           f"img/s = {t['ratio_default']:.2f}x the common recipe")
+                           "compile": compile, "precision": precision}
+    report(f"train ({steps} steps of {BATCH} after {warmup} warm-up): common recipe {common:.1f} img/s; ours "
+           f"({precision}), same model {ours_same:.1f} img/s = {t['ratio_same_model']:.2f}x; ours, default preset "
+           f"{default:.1f} img/s = {t['ratio_default']:.2f}x the common recipe")
 
     if dev.type == "cuda" if full_epoch is None else full_epoch:
         rate = bench_pipeline(make_config("default"), images, dev, warmup, None, compile, progress)
@@ -217,12 +221,12 @@ def run(data_dir: str | Path, *, device: str = "auto", warmup: int = 2, steps: i
     test = data.load_split(data_dir, "test", progress=progress).images
     if checkpoint is not None:
         model, payload = load_model(checkpoint, map_location=dev)
-        amp = bool(payload["train_config"].get("amp", False))
+        precision = checkpoint_precision(payload, dev)
     else:
         torch.manual_seed(0)
-        model, amp = VQVAE(make_config("default").model_config()).to(dev), True
-    rate = bench_eval(model, test, dev, amp)
-    result["eval"] = {"slices": len(test), "slices_per_s": rate,
+        model = VQVAE(make_config("default").model_config()).to(dev)  # in the default preset's precision
+    rate = bench_eval(model, test, dev, precision)
+    result["eval"] = {"slices": len(test), "slices_per_s": rate, "precision": precision,
                       "checkpoint": str(checkpoint) if checkpoint is not None else None}
-    report(f"eval: reconstruct + SSIM/PSNR of {len(test)} test slices {rate:.0f} slices/s")
+    report(f"eval: reconstruct + SSIM/PSNR of {len(test)} test slices ({precision}) {rate:.0f} slices/s")
     return result

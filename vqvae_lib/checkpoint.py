@@ -4,7 +4,8 @@ A checkpoint is a dict of plain values only (tensors, numbers, strings, None, li
 ``torch.load(..., weights_only=True)`` can read it without unpickling arbitrary objects, which could run code.
 It always holds a format marker, the model config and train config as plain dicts, the model's state_dict, the
 epoch and the training history, and says which kind of model it holds ("vqvae", "vae" or "prior"; files without
-the key are VQ-VAE checkpoints); a run's last.pt adds optimizer, scheduler and RNG states for resuming.
+the key are VQ-VAE checkpoints); a run's last.pt adds optimizer, scheduler and RNG states for resuming (an fp16
+run's also its GradScaler's).
 
 Files are written atomically (`fileio.atomic_write`), so an interrupted write leaves the previous file intact.
 """
@@ -25,6 +26,7 @@ from .model import VQVAE, ModelConfig
 FORMAT = "hipmri-vqvae/1"
 REQUIRED_KEYS = ("format", "model_config", "train_config", "model_state", "epoch", "history")
 _SCALARS = (bool, int, float, str, type(None))  # exact types: subclasses such as numpy.float64 are refused
+TEXT_RECORD_FIELDS = ("precision",)  # the fields of a history record that hold a string; all others are numbers
 # How a torch.save file begins: a zip archive, or (the format before 1.6) a pickled magic number.
 _TORCH_HEADS = (b"PK\x03\x04", b"\x80\x02\x8a\x0a")
 
@@ -129,7 +131,8 @@ def _check_fields(payload: dict[str, Any], path: Path) -> None:
     for i, record in enumerate(payload["history"]):
         if not isinstance(record, dict) or type(record.get("epoch")) is not int:
             raise bad(f"history[{i}] is not an epoch record (a dict with an integer epoch)")
-        numbers = [key for key, value in record.items() if type(value) not in (int, float)]
+        numbers = [key for key, value in record.items() if type(value) not in (int, float)
+                   and not (key in TEXT_RECORD_FIELDS and type(value) is str)]
         if numbers:
             raise bad(f"history[{i}][{numbers[0]!r}] is {record[numbers[0]]!r}, not a number")
     if not all(isinstance(value, torch.Tensor) for value in payload["model_state"].values()):

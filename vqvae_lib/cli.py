@@ -1,8 +1,10 @@
-"""Command line: `python -m vqvae_lib COMMAND ...` (run with --help for each command)."""
+"""Command line: `hipmri-vqvae COMMAND ...` where the package is installed, else `python -m vqvae_lib COMMAND ...`
+(run with --help for each command). train, vae and prior also read their options from a TOML file (--config)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -10,9 +12,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from . import data, distributed, phantom, runs, train
+from . import __version__, data, distributed, phantom, prior, runs, train
 from .checkpoint import CheckpointError, load_checkpoint
 from .fileio import save_json
+
+CONFIGURABLE = ("train", "vae", "prior")  # the commands that take --config, --log-dir and --resume auto
+_VAE_RECIPE = {"preset": "default", "ssim_weight": 0.0}  # the VAE's budget is the default VQ-VAE recipe's
+# What the user can fix (a bad option, value, file, folder, checkpoint or data; DataError and CheckpointError are
+# ValueErrors): exit code 2. Any other RuntimeError or OSError (out of memory, a full disk): exit code 1.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, runs.RunError)
+TENSORBOARD_MISSING = "--log-dir needs TensorBoard, which is not installed: pip install 'hipmri-vqvae[tensorboard]'"
 
 
 def _phantom(args: argparse.Namespace) -> int:
@@ -41,8 +50,32 @@ def _notebooks(args: argparse.Namespace) -> int:
     from . import runner
     params = {"SMOKE": args.smoke, "DATA_DIR": str(Path(args.data_dir).resolve()),
               "FIG_DIR": str(Path(args.fig_dir).resolve()), "SEED": args.seed}
-    for out in runner.run_all(params, Path(args.build), only=args.only):
+    source = Path(args.notebook_dir) if args.notebook_dir else runner.NOTEBOOK_DIR
+    for out in runner.run_all(params, Path(args.build), only=args.only, source=source):
         print(f"executed {out}")
+    return 0
+
+
+def _task(name: str, *args: Any, **kwargs: Any) -> int:
+    """Run vqvae_lib.tasks.NAME (figures, lab, explorer): its exit code, or 0 for one that returns none."""
+    from . import tasks
+    code = getattr(tasks, name)(*args, **kwargs)
+    return code if isinstance(code, int) else 0
+
+
+def _ipynb(args: argparse.Namespace) -> int:
+    from . import runner
+    changed = runner.publish(Path(args.out), check=args.check)
+    if args.check:
+        if changed:
+            print(f"stale in {args.out} (rebuild with `python -m vqvae_lib ipynb --out {args.out}`): "
+                  + ", ".join(p.name for p in changed), file=sys.stderr)
+            return 1
+        print(f"{args.out}: up to date")
+        return 0
+    for path in changed:
+        print(f"{'wrote' if path.exists() else 'removed'} {path}")
+    print(f"{args.out}: {len(changed)} changed")
     return 0
 
 
@@ -56,6 +89,7 @@ def _number(kind: type, check: Callable[[Any], bool], what: str) -> Callable[[st
         if not math.isfinite(value) or not check(value):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
+    parse.kind = kind  # what a --config file must give: a number (`_config_value`)
     return parse
 
 
@@ -75,6 +109,13 @@ def _json_file(text: str) -> Path:
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"the folder {path.parent} does not exist")
     return path
+
+
+def _resume_mode(text: str) -> str:
+    """An argparse type for the optional value of --resume: "auto"."""
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"takes no value or 'auto', got {text!r}")
+    return text
 
 
 def _png_out(text: str) -> Path:
@@ -102,44 +143,151 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="decode the slices every time; write no data cache")
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last.pt (from scratch if it has no finished epoch)")
+def _default_text(configs: dict[str, Any], key: str) -> str:
+    """"default: V" of setting `key` of configs (preset name -> TrainConfig or PriorTrainConfig, the default
+    first), then the other presets' values where they differ."""
+    def value(config: Any) -> Any:
+        return config.model[key] if key in config.model else getattr(config, key)
+    (_, first), *others = configs.items()
+    return f"default: {value(first)}" + "".join(f"; {name} preset: {value(config)}" for name, config in others
+                                                  if value(config) != value(first))
+
+
+def _add_run_options(p: argparse.ArgumentParser, configs: dict[str, Any]) -> None:
+    """The options of every training command (train, vae, prior); configs: as in `_default_text`."""
+    plain = "".join(f"; fp32 for the {name} preset" for name, config in configs.items() if not config.amp)
+    p.add_argument("--precision", choices=train.PRECISIONS,
+                   help="autocast precision; auto: bf16 where the hardware has it, else fp16 with loss scaling on "
+                        f"CUDA, fp32 on MPS{plain} ({_default_text(configs, 'precision')})")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
+                   help="continue the run in --out from its last.pt (from scratch if it has no finished epoch), "
+                        "keeping its settings but those given; --resume auto: resume if --out holds a run of this "
+                        "kind, else start a new one, for jobs that are requeued (default: a new run)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run of the same kind in --out, once the new run has finished its first epoch")
     p.add_argument("--allow-other-data", action="store_true",
                    help="with --resume: continue even on other data than the run's earlier epochs")
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="read options from this flat TOML file, its keys this command's long option names "
+                        "(epochs = 5, data_dir = \"DATA\"); options on the command line win (default: none)")
+    p.add_argument("--log-dir", metavar="DIR",
+                   help="also write each epoch's numbers as TensorBoard scalars (step = epoch) into DIR; needs "
+                        "pip install 'hipmri-vqvae[tensorboard]' (default: none)")
     _add_data_options(p)
 
 
-def _print_epoch(record: dict[str, Any], epochs: int, codebook_size: int) -> None:
-    print(f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f} (MSE {record['train_recon']:.4f}, "
-          f"SSIM {record['train_ssim']:.4f}), "
-          f"val SSIM {record['val_ssim']:.4f}, PSNR {record['val_psnr']:.2f} dB, "
-          f"codes {record['val_active']}/{codebook_size} (perplexity {record['val_perplexity']:.1f}), "
-          f"{record['images_per_s']:.0f} img/s, {record['seconds']:.0f} s", flush=True)
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options among `names` that are set (the trainer's config fills in the rest)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _run_config(args: argparse.Namespace, kind: str, make: Callable[..., Any], new: dict[str, Any],
+                overrides: dict[str, Any]) -> tuple[Any, bool, int]:
+    """The config of the run to train in --out, whether it resumes, and how many epochs it has finished.
+
+    Resuming (--resume, or --resume auto where --out holds a run of `kind`) takes the run's own config, changed
+    only where an option is given (the trainer refuses what may not change); a new run, or a folder with no
+    finished epoch, gets make(**new, **overrides).
+    """
+    last = Path(args.out) / "last.pt"
+    resume = runs.holds_run(args.out, kind) if args.resume == "auto" else args.resume
+    if not (resume and last.exists()):
+        return make(**{**new, **overrides}), resume, 0
+    payload = load_checkpoint(last, kind=kind)
+    try:
+        return make(**{**payload["train_config"], **overrides}), True, payload["epoch"]
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{last} holds an unusable train config: {e}") from e
+
+
+class _Scalars:
+    """TensorBoard scalars in log_dir of the numbers of each epoch record (step = epoch), each epoch once.
+
+    A resumed run that had finished `done` epochs carries on after the last step log_dir holds, first writing the
+    epochs a killed run finished but had not logged yet; a new run (done = 0) starts at step 1 and supersedes in
+    TensorBoard the steps log_dir held (purge_step).
+    """
+
+    def __init__(self, log_dir: Path, done: int) -> None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        if log_dir.exists() and not log_dir.is_dir():
+            raise NotADirectoryError(f"--log-dir {log_dir} is a file, not a folder")
+        logged = 0
+        if log_dir.is_dir():
+            events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every step
+            events.Reload()
+            logged = max((e.step for tag in events.Tags()["scalars"] for e in events.Scalars(tag)), default=0)
+        self.log_dir, self.writer, self.next = log_dir, None, min(logged, done) + 1
+        self.purge = self.next if logged >= self.next else None
+
+    def write(self, history: list[dict[str, Any]]) -> None:
+        """Write the records of history from the next step on (made the first time there is one)."""
+        from torch.utils.tensorboard import SummaryWriter
+        for record in history:
+            if record["epoch"] < self.next:
+                continue
+            if self.writer is None:
+                self.writer = SummaryWriter(str(self.log_dir), purge_step=self.purge)
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, record["epoch"])
+            self.next = record["epoch"] + 1
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _fit(args: argparse.Namespace, kind: str, make: Callable[..., Any], new: dict[str, Any],
+         overrides: dict[str, Any], fit: Callable[[Any, bool, Callable[[dict[str, Any]], None]], list[dict[str, Any]]],
+         line: Callable[[Any, dict[str, Any]], str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train the run of a training command: its config (`_run_config`), then fit(config, resume, callback), which
+    calls callback(record) after each epoch; that prints line(config, record) and writes the --log-dir scalars.
+    The run's config.json records the command line and its options. Returns (history, the records trained now).
+    """
+    config, resume, done = _run_config(args, kind, make, new, overrides)
+    out, trained = Path(args.out), []
+    scalars = _Scalars(Path(args.log_dir), done) if args.log_dir is not None and distributed.is_main() else None
+
+    def callback(record: dict[str, Any]) -> None:
+        trained.append(record)
+        print(line(config, record), flush=True)
+        if scalars is not None:  # from metrics.json where epochs of a killed run are still to be logged
+            scalars.write(json.loads((out / "metrics.json").read_text()) if record["epoch"] > scalars.next
+                          else [record])
+
+    options = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+               if key not in ("func", "command_line")}
+    try:
+        with runs.invoked_as(args.command_line, options):
+            history = fit(config, resume, callback)
+        if scalars is not None:
+            scalars.write(history)
+    finally:
+        if scalars is not None:
+            scalars.close()
+    return history, trained
 
 
 def _train(args: argparse.Namespace) -> int:
-    given = {"epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
-             "limit": args.limit, "downsample": args.downsample, "device": args.device, "ssim_weight": args.ssim_weight}
-    overrides = {key: value for key, value in given.items() if value is not None}
+    overrides = _given(args, "epochs", "seed", "batch_size", "lr", "limit", "downsample", "device", "ssim_weight",
+                       "precision")
     out = Path(args.out)
-    if args.resume:
-        preset = {"preset": args.preset} if args.preset else {}
-        config = _resumable_config(out, "vqvae", train.make_config, {"preset": args.preset or "default"},
-                                   {**preset, **overrides})
-    else:
-        config = train.make_config(args.preset or "default", **overrides)
-    trained = []
 
-    def report(record: dict[str, Any]) -> None:
-        trained.append(record)
-        _print_epoch(record, config.epochs, config.model["codebook_size"])
+    def line(config: train.TrainConfig, r: dict[str, Any]) -> str:
+        return (f"epoch {r['epoch']}/{config.epochs}: loss {r['train_loss']:.4f} (MSE {r['train_recon']:.4f}, "
+                f"SSIM {r['train_ssim']:.4f}), val SSIM {r['val_ssim']:.4f}, PSNR {r['val_psnr']:.2f} dB, "
+                f"codes {r['val_active']}/{config.model['codebook_size']} (perplexity {r['val_perplexity']:.1f}), "
+                f"{r['images_per_s']:.0f} img/s, {r['seconds']:.0f} s")
 
-    history = train.train(args.data_dir, out, config, resume=args.resume, overwrite=args.overwrite,
-                          compile=args.compile, data_options=_data_options(args),
-                          allow_other_data=args.allow_other_data, callback=report)
+    history, trained = _fit(
+        args, "vqvae", train.make_config, {"preset": args.preset or "default"},
+        {**({"preset": args.preset} if args.preset else {}), **overrides},
+        lambda config, resume, callback: train.train(
+            args.data_dir, out, config, resume=resume, overwrite=args.overwrite, compile=args.compile,
+            data_options=_data_options(args), allow_other_data=args.allow_other_data, callback=callback), line)
     if not distributed.is_main():  # rank 0 reports for a data-parallel run
         return 0
     if not trained:
@@ -185,69 +333,50 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resumable_config(out: Path, kind: str, make: Callable[..., Any], new: dict[str, Any],
-                      overrides: dict[str, Any]) -> Any:
-    """With --resume: the run's own config, changed only where a flag is given (the trainer refuses what may not
-    change); a run with no finished epoch starts from scratch with make(**new, **overrides)."""
-    if not (out / "last.pt").exists():
-        return make(**{**new, **overrides})
-    saved = load_checkpoint(out / "last.pt", kind=kind)["train_config"]
-    try:
-        return make(**{**saved, **overrides})
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{out / 'last.pt'} holds an unusable train config: {e}") from e
-
-
 def _vae(args: argparse.Namespace) -> int:
     from . import vae
-    given = {"epochs": args.epochs, "seed": args.seed, "downsample": args.downsample, "device": args.device,
-             "limit": args.limit}
-    overrides = {key: value for key, value in given.items() if value is not None}
     out = Path(args.out)
-    new = {"preset": "default", "ssim_weight": 0.0}
-    config = (_resumable_config(out, "vae", train.make_config, new, overrides) if args.resume
-              else train.make_config(**new, **overrides))
 
-    def report(record: dict[str, Any]) -> None:
-        print(f"epoch {record['epoch']}/{config.epochs}: loss {record['train_loss']:.4f} nats/pixel "
-              f"(MSE {record['train_recon']:.4f}, KL {record['train_kl']:.4f}), val SSIM {record['val_ssim']:.4f}, "
-              f"PSNR {record['val_psnr']:.2f} dB, {record['val_active']}/{config.model['embed_dim']} latent channels "
-              f"used, {record['images_per_s']:.0f} img/s, {record['seconds']:.0f} s", flush=True)
+    def line(config: train.TrainConfig, r: dict[str, Any]) -> str:
+        return (f"epoch {r['epoch']}/{config.epochs}: loss {r['train_loss']:.4f} nats/pixel "
+                f"(MSE {r['train_recon']:.4f}, KL {r['train_kl']:.4f}), val SSIM {r['val_ssim']:.4f}, "
+                f"PSNR {r['val_psnr']:.2f} dB, {r['val_active']}/{config.model['embed_dim']} latent channels "
+                f"used, {r['images_per_s']:.0f} img/s, {r['seconds']:.0f} s")
 
-    history = vae.train_vae(args.data_dir, out, config, resume=args.resume, overwrite=args.overwrite,
-                            data_options=_data_options(args), allow_other_data=args.allow_other_data, callback=report)
+    history, _ = _fit(
+        args, "vae", train.make_config, _VAE_RECIPE,
+        _given(args, "epochs", "seed", "downsample", "device", "limit", "precision"),
+        lambda config, resume, callback: vae.train_vae(
+            args.data_dir, out, config, resume=resume, overwrite=args.overwrite, data_options=_data_options(args),
+            allow_other_data=args.allow_other_data, callback=callback), line)
     best = max(history, key=lambda h: h["val_ssim"])
     print(f"best validation SSIM {best['val_ssim']:.4f} (epoch {best['epoch']}): {out / 'best.pt'}")
     return 0
 
 
 def _prior(args: argparse.Namespace) -> int:
-    from . import prior
-    given = {"epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
-             "limit": args.limit, "device": args.device, "channels": args.channels, "layers": args.layers,
-             "kernel": args.kernel, "positions": args.positions}
-    overrides = {key: value for key, value in given.items() if value is not None}
-    out = Path(args.out)
     from .checkpoint import load_model
-    new = {"codebook_size": load_model(args.checkpoint)[0].config.codebook_size}
-    config = (_resumable_config(out, "prior", prior.make_prior_config, new, overrides) if args.resume
-              else prior.make_prior_config(**new, **overrides))
+    out = Path(args.out)
 
-    def report(record: dict[str, Any]) -> None:
-        print(f"epoch {record['epoch']}/{config.epochs}: train NLL {record['train_nll']:.4f}, validation NLL "
-              f"{record['val_nll']:.4f} nats = {record['val_bits']:.3f} bits per latent, "
-              f"{record['maps_per_s']:.0f} maps/s, {record['seconds']:.0f} s", flush=True)
+    def line(config: prior.PriorTrainConfig, r: dict[str, Any]) -> str:
+        return (f"epoch {r['epoch']}/{config.epochs}: train NLL {r['train_nll']:.4f}, validation NLL "
+                f"{r['val_nll']:.4f} nats = {r['val_bits']:.3f} bits per latent, "
+                f"{r['maps_per_s']:.0f} maps/s, {r['seconds']:.0f} s")
 
-    history = prior.train_prior(args.checkpoint, args.data_dir, out, config, resume=args.resume,
-                                overwrite=args.overwrite, data_options=_data_options(args),
-                                allow_other_data=args.allow_other_data, callback=report)
+    history, _ = _fit(
+        args, "prior", prior.make_prior_config, {"codebook_size": load_model(args.checkpoint)[0].config.codebook_size},
+        _given(args, "epochs", "seed", "batch_size", "lr", "limit", "device", "channels", "layers", "kernel",
+               "positions", "precision"),
+        lambda config, resume, callback: prior.train_prior(
+            args.checkpoint, args.data_dir, out, config, resume=resume, overwrite=args.overwrite,
+            data_options=_data_options(args), allow_other_data=args.allow_other_data, callback=callback), line)
     best = min(history, key=lambda h: h["val_nll"])
     print(f"best validation NLL {best['val_nll']:.4f} nats per latent (epoch {best['epoch']}): {out / 'best.pt'}")
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from . import prior, viz
+    from . import viz
     start = time.perf_counter()
     images, _, bins = prior.sample_slices(args.checkpoint, args.prior, args.n, seed=args.seed,
                                           temperature=args.temperature, position=args.position, device=args.device,
@@ -260,19 +389,105 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a bad argument reported in one line (exit code 2) instead of the usage text."""
+    """argparse, with a bad argument reported in one line (exit code 2) instead of the usage text, and the default
+    of every option that takes a value in its help (unless the help states it)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        stated = action.help is not None and ("(default" in action.help or "default:" in action.help)
+        if action.option_strings and action.nargs != 0 and not action.required and action.default is not None \
+                and not stated:
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+        return action
+
+
+def _config_value(action: argparse.Action, value: Any) -> Any:
+    """A --config file's TOML value for an option, checked as the option's own type and choices would check its
+    text; ArgumentTypeError when it has the wrong type or is a bad value."""
+    flag = action.nargs == 0
+    if isinstance(value, bool) and (flag or action.const is True):  # a flag, or --resume
+        return value
+    if flag:
+        raise argparse.ArgumentTypeError(f"must be true or false, got {value!r}")
+    number = getattr(action.type, "kind", action.type) in (int, float)
+    if isinstance(value, bool) or not isinstance(value, (int, float) if number else str):
+        raise argparse.ArgumentTypeError(f"must be {'a number' if number else 'a string'}, got {value!r}")
+    try:
+        value = action.type(str(value)) if action.type is not None else value
+    except ValueError:  # a plain int or float type
+        raise argparse.ArgumentTypeError(f"must be a {action.type.__name__}, got {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
+
+
+def _load_config(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make the settings of the flat TOML file `path` the defaults of a command's parser (so that options on the
+    command line win over them); an unreadable file, unknown key or bad value ends in parser.error."""
+    import tomllib
+    try:
+        with open(path, "rb") as f:
+            settings = tomllib.load(f)
+    except OSError as e:
+        parser.error(f"cannot read the config file {path}: {e.strerror}")
+    except tomllib.TOMLDecodeError as e:
+        parser.error(f"config file {path} is not valid TOML: {e}")
+    options = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    for key, value in settings.items():
+        action = options.get(key.replace("-", "_"))
+        if action is None:
+            parser.error(f"config file {path}: unknown key {key!r}; known: {', '.join(sorted(options))}")
+        try:
+            parser.set_defaults(**{action.dest: _config_value(action, value)})
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"config file {path}: {key}: {e}")
+        action.required = False
+
+
+def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The parser of each command of `build_parser`'s parser, by name."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """argv parsed by `build_parser`'s parser, a --config file's settings first (for train, vae and prior), with
+    the checks that take more than one option: parser.error (exit code 2) where they fail."""
+    command = commands(parser)[argv[0]] if argv and argv[0] in CONFIGURABLE else None
+    if command is not None:
+        probe = _Parser(prog=command.prog, add_help=False)
+        probe.add_argument("--config")
+        path = probe.parse_known_args(argv[1:])[0].config
+        if path is not None:
+            _load_config(command, path)
+    args = parser.parse_args(argv)
+    args.command_line = [*parser.prog.split(), *argv]
+    if command is not None:
+        if args.resume and args.overwrite:
+            command.error("--resume and --overwrite exclude each other")
+        if args.log_dir is not None:
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError:
+                command.error(TENSORBOARD_MISSING)
+    return args
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m vqvae_lib", description=__doc__)
+    """The parser of every command; named (prog) as the user typed it: the console script, or the module."""
+    prog = "hipmri-vqvae" if Path(sys.argv[0]).stem == "hipmri-vqvae" else "python -m vqvae_lib"
+    parser = _Parser(prog=prog, description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hipmri-vqvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    presets = {name: train.make_config(name) for name in sorted(train.PRESETS, key=lambda n: n != "default")}
+    vae_recipe = {"default": train.make_config(**_VAE_RECIPE)}
+    prior_recipe = {"default": prior.make_prior_config()}
 
     p = sub.add_parser("phantom", help="write the synthetic pelvic MRI phantom in the HipMRI layout")
     p.add_argument("--out", required=True, help="folder to create (it must not exist unless --force)")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="random seed of the anatomy and scans")
     p.add_argument("--size", choices=sorted(phantom.SIZES), default="small",
                    help="small (default): 1,680 slices, ~1/8 of the real data; full: the real 12,660; "
                         "tiny: 300 slices, for tests")
@@ -282,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="summarise a HipMRI-layout dataset and list its problems")
     p.add_argument("data_dir")
-    p.add_argument("--json", type=_json_file, help="also write the report to this JSON file")
+    p.add_argument("--json", type=_json_file, help="also write the report to this JSON file (default: none)")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("notebooks", help="execute the notebooks headlessly with papermill")
@@ -292,64 +507,103 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="fast settings, as in the tests")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 03")
+    p.add_argument("--notebook-dir", help="folder of the NN_name.py notebooks (default: the repository's notebooks/)")
     p.set_defaults(func=_notebooks)
 
-    p = sub.add_parser("train", help="train a VQ-VAE; writes best.pt, last.pt and metrics.json to --out "
-                                     "(data-parallel under torchrun --nproc_per_node=N)")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--out", required=True, help="run folder (refused if it holds a run, unless --resume/--overwrite)")
+    p = sub.add_parser("ipynb", help="publish the notebooks for Colab: OUT/NN_name.ipynb with a setup cell, no outputs")
+    p.add_argument("--out", default="colab", help="folder of the published notebooks (default: colab)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 listing the files that are stale")
+    p.set_defaults(func=_ipynb)
+
+    p = sub.add_parser("figures", help="every figure: the default phantom if absent, every notebook executed, "
+                                      "the explorer page's screenshot (skipped, with a warning, without a Chromium)")
+    p.add_argument("--data-dir", type=Path, help="the data (default: data/phantom in the repository, written if "
+                                                 "absent)")
+    p.add_argument("--fig-dir", type=Path, help="where the figures go (default: figures/ in the repository)")
+    p.add_argument("--build", type=Path, help="where generated and executed notebooks go (default: build/ in the "
+                                              "repository)")
+    p.set_defaults(func=lambda args: _task("figures", **{key: getattr(args, key).resolve() for key in
+                                                         ("data_dir", "fig_dir", "build") if getattr(args, key)}))
+
+    p = sub.add_parser("lab", help="JupyterLab on 127.0.0.1 with the series; the .py notebooks open as notebooks")
+    p.add_argument("--lab-dir", type=Path, help="the folder it shows (default: the repository)")
+    p.add_argument("lab_args", nargs=argparse.REMAINDER,
+                   help="after --: more options for `jupyter lab` (a token goes in $JUPYTER_TOKEN, not here)")
+    p.set_defaults(func=lambda args: _task("lab", args=args.lab_args[args.lab_args[:1] == ["--"]:],
+                                           **({"lab_dir": args.lab_dir.resolve()} if args.lab_dir else {})))
+
+    p = sub.add_parser("explorer", help="serve the codebook explorer as a web page (Voila) on 127.0.0.1")
+    p.add_argument("--port", type=_positive_int, help="the port (default: a free one)")
+    p.set_defaults(func=lambda args: _task("explorer", port=args.port))
+
+    run_folder = "run folder (refused if it holds a run, unless --resume or --overwrite)"
+    p = sub.add_parser("train", help="train a VQ-VAE; writes config.json, best.pt, last.pt, metrics.json and "
+                                     "metrics.csv to --out (data-parallel under torchrun --nproc_per_node=N)")
+    p.add_argument("--data-dir", required=True, help="the HipMRI-layout data folder")
+    p.add_argument("--out", required=True, help=run_folder)
     p.add_argument("--preset", choices=sorted(train.PRESETS), default=None,
-                   help="recipe (default: 'default'; with --resume: the run's own)")
-    p.add_argument("--epochs", type=_positive_int)
+                   help="recipe (default: default; with --resume: the run's own); it sets the defaults below")
+    p.add_argument("--epochs", type=_positive_int, help=f"epochs to train ({_default_text(presets, 'epochs')})")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
-    _add_run_options(p)
-    p.add_argument("--seed", type=_seed)
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--lr", type=_positive_float)
-    p.add_argument("--limit", type=_positive_int, help="train on the first N training slices only")
-    p.add_argument("--downsample", type=int, choices=(4, 8, 16))
-    p.add_argument("--ssim-weight", type=_non_negative_float, help="loss = MSE + W (1 - SSIM) (default: the preset's)")
+    _add_run_options(p, presets)
+    p.add_argument("--seed", type=_seed, help=f"random seed ({_default_text(presets, 'seed')})")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help=f"slices per optimiser step ({_default_text(presets, 'batch_size')})")
+    p.add_argument("--lr", type=_positive_float, help=f"peak learning rate ({_default_text(presets, 'lr')})")
+    p.add_argument("--limit", type=_positive_int, help="train on the first N training slices only (default: all)")
+    p.add_argument("--downsample", type=int, choices=(4, 8, 16),
+                   help=f"latent grid = slice size / this ({_default_text(presets, 'downsample')})")
+    p.add_argument("--ssim-weight", type=_non_negative_float,
+                   help=f"loss = MSE + W (1 - SSIM) ({_default_text(presets, 'ssim_weight')})")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder (GPU runs)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("vae", help="train the Gaussian VAE (default recipe, same budget as the VQ-VAE) for comparison")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--out", required=True, help="run folder (refused if it holds a run, unless --resume/--overwrite)")
-    p.add_argument("--epochs", type=_positive_int)
-    p.add_argument("--downsample", type=int, choices=(4, 8, 16))
+    p.add_argument("--data-dir", required=True, help="the HipMRI-layout data folder")
+    p.add_argument("--out", required=True, help=run_folder)
+    p.add_argument("--epochs", type=_positive_int, help=f"epochs to train ({_default_text(vae_recipe, 'epochs')})")
+    p.add_argument("--downsample", type=int, choices=(4, 8, 16),
+                   help=f"latent grid = slice size / this ({_default_text(vae_recipe, 'downsample')})")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--seed", type=_seed)
-    p.add_argument("--limit", type=_positive_int, help="train on the first N training slices only")
-    _add_run_options(p)
+    p.add_argument("--seed", type=_seed, help=f"random seed ({_default_text(vae_recipe, 'seed')})")
+    p.add_argument("--limit", type=_positive_int, help="train on the first N training slices only (default: all)")
+    _add_run_options(p, vae_recipe)
     p.set_defaults(func=_vae)
 
     p = sub.add_parser("prior", help="fit a PixelCNN prior to the code index maps a VQ-VAE gives the train split")
     p.add_argument("--checkpoint", required=True, help="the VQ-VAE checkpoint")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--out", required=True, help="run folder (refused if it holds a run, unless --resume/--overwrite)")
-    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--data-dir", required=True, help="the HipMRI-layout data folder")
+    p.add_argument("--out", required=True, help=run_folder)
+    p.add_argument("--epochs", type=_positive_int, help=f"epochs to train ({_default_text(prior_recipe, 'epochs')})")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--seed", type=_seed)
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--lr", type=_positive_float)
-    p.add_argument("--limit", type=_positive_int, help="train on the maps of the first N training slices only")
-    p.add_argument("--channels", type=_positive_int)
-    p.add_argument("--layers", type=_positive_int)
-    p.add_argument("--kernel", type=_odd_kernel, help="odd kernel size of the gated layers")
-    p.add_argument("--positions", type=_non_negative_int, help="slice-position bins to condition on (0: unconditional)")
-    _add_run_options(p)
+    p.add_argument("--seed", type=_seed, help=f"random seed ({_default_text(prior_recipe, 'seed')})")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help=f"maps per optimiser step ({_default_text(prior_recipe, 'batch_size')})")
+    p.add_argument("--lr", type=_positive_float, help=f"peak learning rate ({_default_text(prior_recipe, 'lr')})")
+    p.add_argument("--limit", type=_positive_int,
+                   help="train on the maps of the first N training slices only (default: all)")
+    p.add_argument("--channels", type=_positive_int,
+                   help=f"channels of the gated layers ({_default_text(prior_recipe, 'channels')})")
+    p.add_argument("--layers", type=_positive_int, help=f"gated layers ({_default_text(prior_recipe, 'layers')})")
+    p.add_argument("--kernel", type=_odd_kernel,
+                   help=f"odd kernel size of the gated layers ({_default_text(prior_recipe, 'kernel')})")
+    p.add_argument("--positions", type=_non_negative_int,
+                   help="slice-position bins to condition on, 0: unconditional "
+                        f"({_default_text(prior_recipe, 'positions')})")
+    _add_run_options(p, prior_recipe)
     p.set_defaults(func=_prior)
 
     p = sub.add_parser("sample", help="draw new slices: index maps from a prior, decoded by its VQ-VAE")
     p.add_argument("--checkpoint", required=True, help="the VQ-VAE checkpoint the prior was trained for")
     p.add_argument("--prior", required=True, help="the prior checkpoint")
-    p.add_argument("--n", type=_positive_int, default=16)
+    p.add_argument("--n", type=_positive_int, default=16, help="number of samples")
     p.add_argument("--out", required=True, type=_png_out,
                    help="PNG file for the grid of samples (a folder: FOLDER/samples.png)")
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--temperature", type=_positive_float, default=1.0)
+    p.add_argument("--seed", type=_seed, default=0, help="random seed of the samples")
+    p.add_argument("--temperature", type=_positive_float, default=1.0,
+                   help="divides the prior's logits: below 1, likelier and less varied samples")
     p.add_argument("--position", type=_non_negative_int, help="slice-position bin of every sample (default: drawn at random)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("bench", help="benchmark the data path, training and evaluation against the common recipe")
@@ -364,34 +618,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile our pipeline's encoder and decoder")
     p.add_argument("--full-epoch", action=argparse.BooleanOptionalAction, default=None,
                    help="also time one whole epoch of the default preset (default: on CUDA only)")
-    p.add_argument("--json", type=_json_file, help="also write every figure to this JSON file")
+    p.add_argument("--json", type=_json_file, help="also write every figure to this JSON file (default: none)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("evaluate", help="score a checkpoint on every slice of a split")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--split", choices=data.SPLITS, default="test")
-    p.add_argument("--json", type=_json_file, help="also write the summary and per-slice scores to this JSON file")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--checkpoint", required=True, help="the VQ-VAE checkpoint")
+    p.add_argument("--data-dir", required=True, help="the HipMRI-layout data folder")
+    p.add_argument("--split", choices=data.SPLITS, default="test", help="the split to score")
+    p.add_argument("--json", type=_json_file,
+                   help="also write the summary and per-slice scores to this JSON file (default: none)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="slices per forward pass")
     _add_data_options(p)
     p.set_defaults(func=_evaluate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; a user error (bad data, checkpoint, folder or value) is one line on stderr and exit code 2,
-    and Ctrl-C exits with 130 (the run folder keeps its finished epochs)."""
-    args = build_parser().parse_args(argv)
+    """Run a command line (default: sys.argv[1:]) and return its exit code.
+
+    0: done. 2: a user error, one line on stderr: a bad option or --config file (argparse's "PROG: error: ..."),
+    or bad data, checkpoint, file, folder or value ("error: ..."; `USER_ERRORS`). 1: a failure while running,
+    any other RuntimeError or OSError (out of memory, a full disk, a diverged training), also one line
+    "error: ...". 130: Ctrl-C. A run folder keeps its finished epochs in every case.
+    """
+    parser = build_parser()
+    args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO if distributed.is_main() else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if distributed.launched() and args.command != "train":
-            raise RuntimeError(f"only `train` runs data-parallel; run `{args.command}` without torchrun")
+            raise ValueError(f"only `train` runs data-parallel; run `{args.command}` without torchrun")
         return args.func(args)
-    except (ValueError, OSError, RuntimeError) as e:  # DataError, CheckpointError, RunError and the OS's errors
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return _fail(e, 2)
+    except (RuntimeError, OSError) as e:
+        return _fail(e, 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(error: BaseException, code: int) -> int:
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    return code

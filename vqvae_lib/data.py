@@ -733,7 +733,8 @@ def _decode_into(images: np.ndarray, mask_array: np.ndarray | None, jobs: list[t
     files = [f for f, _ in jobs]
     with contextlib.closing(_decode_all(jobs, workers, options.shape, options.shape_policy,
                                         options.normalization)) as decoded:
-        for f, result in zip(tqdm(files, desc=f"decoding {split}", unit="slice", disable=not progress), decoded):
+        for f, result in zip(tqdm(files, desc=f"decoding {split}", unit="slice", disable=not progress or None),
+                             decoded):
             if isinstance(result, str):
                 if options.on_error == "raise":
                     raise DataError(result)
@@ -951,7 +952,7 @@ def _inspect_split(image_dir: Path, seg_dir: Path | None, split: str, progress: 
     samples = []
     image_shapes = {}
     negative = []
-    for f in tqdm(images, desc=f"inspecting {split} images", unit="slice", disable=not progress):
+    for f in tqdm(images, desc=f"inspecting {split} images", unit="slice", disable=not progress or None):
         try:
             x = read_nifti(f.path, "image")
         except DataError as e:
@@ -980,7 +981,7 @@ def _inspect_split(image_dir: Path, seg_dir: Path | None, split: str, progress: 
     label_shares = None
     if seg_dir is not None:
         counts = np.zeros(len(LABELS), dtype=np.int64)
-        for key, f in tqdm(seg.items(), desc=f"inspecting {split} masks", unit="slice", disable=not progress):
+        for key, f in tqdm(seg.items(), desc=f"inspecting {split} masks", unit="slice", disable=not progress or None):
             try:
                 mask = read_nifti(f.path, "mask")
             except DataError as e:

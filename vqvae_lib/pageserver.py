@@ -4,14 +4,15 @@
 leaving the `with` block (normally or by an exception), stops it and the kernels it started; `run_server` does
 the same for any server command (the tests start JupyterLab with it). The token reaches the server in its
 environment (JUPYTER_TOKEN, which Jupyter Server's IdentityProvider reads), never on its command line, which
-every local user can read with `ps`. `chromium` launches Debian's Chromium (/usr/bin/chromium) through
-Playwright; no browser is ever downloaded.
+every local user can read with `ps`. `chromium` launches a Chromium or Chrome installed on this machine
+(`find_chromium`) through Playwright; no browser is ever downloaded. Linux, macOS and Windows.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,9 +30,16 @@ if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
 HOST = "127.0.0.1"
+POSIX = os.name == "posix"  # process groups and signals; else Windows
 TOKEN_ENV = "JUPYTER_TOKEN"
-CHROMIUM = Path("/usr/bin/chromium")
-INSTALL_CHROMIUM = "apt-get install -y --no-install-recommends chromium (Debian's package; `make test` runs this)"
+CHROMIUM_ENV = "CHROMIUM"  # the browser's executable, where it is not found on its own
+_BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+_BROWSER_PATHS = ("/Applications/Chromium.app/Contents/MacOS/Chromium",
+                  "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
+                  r"C:\Program Files\Google\Chrome\Application\chrome.exe",
+                  r"C:\Program Files (x86)\Google\Chrome\Application\chrome.exe")
+INSTALL_CHROMIUM = ("install Chromium (Debian/Ubuntu: `sudo apt-get install chromium`; macOS: `brew install --cask "
+                    "chromium`; Windows: Google Chrome) or set CHROMIUM to a Chromium or Chrome executable")
 # Headless, and quiet on a closed network: without the background-networking flags Chromium keeps opening
 # connections to Google's services, which this machine refuses.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -85,19 +93,30 @@ def _listening(port: int) -> bool:
         return s.connect_ex((HOST, port)) == 0
 
 
+def _signal(process: subprocess.Popen, hard: bool) -> None:
+    """SIGTERM (hard: SIGKILL) to the process group of a server started in its own session; on Windows, which
+    has no process groups to signal, terminate the process itself (its children are stopped by `stop`)."""
+    if POSIX:
+        os.killpg(process.pid, signal.SIGKILL if hard else signal.SIGTERM)
+    elif hard:
+        process.kill()
+    else:
+        process.terminate()
+
+
 def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop a server started in its own session: SIGTERM to its process group, SIGKILL after `grace`
-    seconds; then the same for any child left over (Jupyter starts each kernel in a process group of its
-    own)."""
+    """Stop a server started by `run_server`: terminate it (its process group on Linux and macOS), kill it after
+    `grace` seconds; then the same for any child left over (Jupyter starts each kernel in a process group of
+    its own)."""
     try:
         children = psutil.Process(process.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for hard in (False, True):
         if process.poll() is not None:
             break
         try:
-            os.killpg(process.pid, sig)
+            _signal(process, hard)
         except ProcessLookupError:
             break
         try:
@@ -123,8 +142,10 @@ def run_server(command: list[str], port: int, *, env: dict[str, str] | None = No
     RuntimeError, with the log's tail when it is a file, if the server exits or does not listen within
     `timeout` seconds.
     """
+    own_group = ({"start_new_session": True} if POSIX
+                 else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP})
     process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL, stdout=log,
-                               stderr=subprocess.STDOUT if log else None, start_new_session=True)
+                               stderr=subprocess.STDOUT if log else None, **own_group)
     try:
         deadline = time.monotonic() + timeout
         while not _listening(port):
@@ -161,11 +182,30 @@ def _tail(log: IO | None, n: int = 3000) -> str:
     return ":\n" + Path(name).read_text(errors="replace")[-n:]
 
 
+class BrowserMissing(FileNotFoundError):
+    """No Chromium or Chrome on this machine (or CHROMIUM names no file)."""
+
+
+def find_chromium() -> Path:
+    """The browser to drive: $CHROMIUM if set, else a Chromium or Chrome on the PATH or in its usual place."""
+    if os.environ.get(CHROMIUM_ENV):
+        path = Path(os.environ[CHROMIUM_ENV]).expanduser()
+        if not path.is_file():
+            raise BrowserMissing(f"{CHROMIUM_ENV}={path} is not a file; {INSTALL_CHROMIUM}")
+        return path
+    found = [shutil.which(name) for name in _BROWSER_NAMES] + [p for p in _BROWSER_PATHS if Path(p).is_file()]
+    if not any(found):
+        raise BrowserMissing(f"no Chromium or Chrome found; {INSTALL_CHROMIUM}")
+    return Path(next(p for p in found if p))
+
+
 @contextmanager
-def chromium(executable: Path = CHROMIUM) -> Iterator[Browser]:
-    """Debian's headless Chromium driven by Playwright; closed on exit. FileNotFoundError if it is missing."""
+def chromium(executable: Path | None = None) -> Iterator[Browser]:
+    """A headless Chromium (default: `find_chromium`) driven by Playwright; closed on exit. BrowserMissing if
+    there is none."""
+    executable = executable or find_chromium()
     if not executable.is_file():
-        raise FileNotFoundError(f"{executable} not found; install it with: {INSTALL_CHROMIUM}")
+        raise BrowserMissing(f"{executable} not found; {INSTALL_CHROMIUM}")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -667,7 +667,7 @@ def generate(out: str | os.PathLike, *, seed: int = 0, size: str = "small", work
     workers = workers or min(2, os.cpu_count() or 1)
     with ProcessPoolExecutor(workers) as pool:
         shares = list(tqdm(pool.map(_write_job, jobs), total=len(jobs), desc=f"phantom ({size})",
-                           unit="scan", disable=not progress))
+                           unit="scan", disable=not progress or None))
     manifest = {
         "format_version": FORMAT_VERSION, "seed": seed, "size": size,
         "scans": {split: [f"case_{c:03d}_week_{w}" for c, w in scans] for split, scans in plan.items()},

@@ -35,7 +35,8 @@ from .checkpoint import CheckpointError, load_model, load_module
 from .data import SplitData, load_split
 from .fileio import atomic_write
 from .model import VQVAE
-from .train import check_run_settings, cudnn_autotune, for_device, optimizer_for, select_device
+from .train import (autocast, check_run_settings, checkpoint_precision, cudnn_autotune, for_device, grad_scaler,
+                    optimizer_for, optimizer_step, select_device)
 
 
 @dataclass
@@ -184,7 +185,7 @@ class PixelCNNPrior(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            for i in tqdm(range(height), desc="sampling rows", unit="row", disable=not progress, leave=False):
+            for i in tqdm(range(height), desc="sampling rows", unit="row", disable=not progress or None, leave=False):
                 feeds = self._feeds(indices[:, max(0, i - self.rows_seen):i], width, position)
                 for j in range(width):
                     logits = self._row_logits(indices[:, i], feeds, position)[:, :, j].float() / temperature
@@ -229,21 +230,22 @@ def file_sha256(path: str | Path) -> str:
 
 
 @torch.no_grad()
-def encode_maps(model: VQVAE, images: np.ndarray, batch_size: int = 64, *, amp: bool = False,
+def encode_maps(model: VQVAE, images: np.ndarray, batch_size: int = 64, *, amp: bool | str = False,
                 progress: bool = False) -> np.ndarray:
-    """Code index maps (N, h, w) int64 of images (N, H, W), on the model's device."""
+    """Code index maps (N, h, w) int64 of images (N, H, W), on the model's device. amp: the autocast precision,
+    "bf16", "fp16" or "fp32" (True: bf16, False: fp32)."""
     device = next(model.parameters()).device
     model.eval()
     out = np.empty((len(images), *model.latent_shape(images.shape[1:])), dtype=np.int64)
-    for start in tqdm(range(0, len(images), batch_size), desc="encoding", unit="batch", disable=not progress,
+    for start in tqdm(range(0, len(images), batch_size), desc="encoding", unit="batch", disable=not progress or None,
                       leave=False):
         x = torch.from_numpy(np.array(images[start:start + batch_size], dtype=np.float32))[:, None].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             out[start:start + len(x)] = model.encode(x).cpu().numpy()
     return out
 
 
-def cached_maps(vq: VQVAE, vq_sha256: str, images: np.ndarray, path: str | Path, *, amp: bool = False,
+def cached_maps(vq: VQVAE, vq_sha256: str, images: np.ndarray, path: str | Path, *, amp: bool | str = False,
                 progress: bool = False) -> np.ndarray:
     """`encode_maps` of images, cached in the .npy file `path`: reused when it was made from the same VQ-VAE
     checkpoint (its sha256) and the same image bytes, re-encoded (and rewritten atomically) otherwise."""
@@ -265,7 +267,7 @@ def cached_maps(vq: VQVAE, vq_sha256: str, images: np.ndarray, path: str | Path,
 @dataclass
 class PriorTrainConfig:
     """A prior's training run. model: PriorConfig fields (codebook_size is set from the VQ-VAE). The schedule
-    fields mean what they mean in `train.TrainConfig`; amp: bf16 autocast."""
+    fields, amp and precision mean what they mean in `train.TrainConfig`."""
 
     epochs: int = 8
     batch_size: int = 32
@@ -274,6 +276,7 @@ class PriorTrainConfig:
     warmup: float = 0.03
     final_lr: float = 0.1
     amp: bool = True
+    precision: str = "auto"  # configs saved before it existed load as "auto"
     seed: int = 0
     device: str = "auto"
     limit: int | None = None
@@ -330,7 +333,8 @@ def train_prior(vq_checkpoint: str | Path, data_dir: str | Path, out_dir: str | 
     The maps of the train and validate splits are encoded once and cached in out_dir (maps_*.npy). The run
     folder works as in `train.train` (best.pt: lowest validation NLL); overwrite refuses a VQ-VAE checkpoint
     inside out_dir. Returns the history, one record per epoch: epoch, lr, train_nll (nats per latent, training
-    mode), maps_per_s, val_nll, val_bits (bits per latent, whole validation split), seconds.
+    mode), maps_per_s, precision (`train.resolve_precision`), val_nll, val_bits (bits per latent, whole
+    validation split), seconds. The maps are encoded in the VQ-VAE's own precision (`train.checkpoint_precision`).
     """
     options = runs.data_options(data_options)
     runs.check_data_dir(data_dir)
@@ -353,13 +357,14 @@ def _fit_prior(vq: VQVAE, vq_payload: dict[str, Any], vq_checkpoint: str | Path,
     device = next(vq.parameters()).device
     saved, config = config, for_device(config, device)
     sha = check_pair(vq_checkpoint, payload, out_dir / "last.pt") if payload is not None else file_sha256(vq_checkpoint)
-    amp = bool(vq_payload["train_config"].get("amp", False)) and device.type != "mps"  # as `for_device`
+    vq_precision = checkpoint_precision(vq_payload, device)
     splits, loaded = {}, []
     for split in ("train", "validate"):
         data = load_split(data_dir, split, progress=progress, **options)
         loaded.append(data)
         limit = config.limit if split == "train" else None
-        maps = cached_maps(vq, sha, data.images[:limit], out_dir / f"maps_{split}.npy", amp=amp, progress=progress)
+        maps = cached_maps(vq, sha, data.images[:limit], out_dir / f"maps_{split}.npy", amp=vq_precision,
+                           progress=progress)
         bins = position_bins(data, config.model["positions"])[:limit]
         splits[split] = (torch.from_numpy(maps).to(device), torch.from_numpy(bins).to(device))
     record = runs.data_record(data_dir, loaded, options)
@@ -372,9 +377,10 @@ def _fit_prior(vq: VQVAE, vq_payload: dict[str, Any], vq_checkpoint: str | Path,
         torch.manual_seed(config.seed)
         model = PixelCNNPrior(PriorConfig.from_dict(config.model)).to(device)
         optimizer, scheduler = optimizer_for(model, config, steps)
+        scaler = grad_scaler(config.precision, device)
 
         def nll(maps: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+            with autocast(device, config.precision):
                 logits = model(maps, bins if conditioned else None)
             return nll_per_latent(logits, maps)
 
@@ -383,19 +389,17 @@ def _fit_prior(vq: VQVAE, vq_payload: dict[str, Any], vq_checkpoint: str | Path,
             started, total = time.perf_counter(), torch.zeros((), device=device)  # float32: MPS has no float64
             order = torch.randperm(len(train_maps), generator=runs.epoch_generator(config.seed, epoch)).to(device)
             with tqdm(total=len(train_maps), desc=f"prior epoch {epoch}/{config.epochs}", unit="map",
-                      disable=not progress, leave=False) as bar:
+                      disable=not progress or None, leave=False) as bar:
                 for batch in _batches(len(train_maps), config.batch_size, order):
                     loss = nll(train_maps[batch], train_bins[batch])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
+                    optimizer_step(loss, optimizer, scheduler, scaler)
                     total += loss.detach() * len(batch)
                     bar.update(len(batch))
             mean = total.item() / len(train_maps)
             if not math.isfinite(mean):
                 raise RuntimeError(f"prior training diverged in epoch {epoch}: the NLL is {mean}; lower the lr")
-            return {"train_nll": mean, "maps_per_s": len(train_maps) / (time.perf_counter() - started)}
+            return {"train_nll": mean, "maps_per_s": len(train_maps) / (time.perf_counter() - started),
+                    "precision": config.precision}
 
         @torch.no_grad()
         def score() -> dict[str, Any]:
@@ -404,11 +408,13 @@ def _fit_prior(vq: VQVAE, vq_payload: dict[str, Any], vq_checkpoint: str | Path,
                         for b in _batches(len(val_maps), 64))
             return {"val_nll": total / len(val_maps), "val_bits": total / len(val_maps) / math.log(2)}
 
-        extra = {"vqvae": {"sha256": sha, "path": str(vq_checkpoint), "latent_shape": list(train_maps.shape[1:])}}
-        return runs.fit(out_dir, kind="prior", model=model, optimizer=optimizer, scheduler=scheduler, payload=payload,
-                        train_config=saved.to_dict(), model_config=model.config.to_dict(), epochs=config.epochs,
-                        device=device, one_epoch=one_epoch, score=score, best="val_nll", minimize=True, extra=extra,
-                        data=record, allow_other_data=allow_other_data, callback=callback)
+        extra = {"vqvae": {"sha256": sha, "path": str(vq_checkpoint), "latent_shape": list(train_maps.shape[1:])},
+                 "precision": config.precision}
+        return runs.fit(out_dir, kind="prior", model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        payload=payload, train_config=saved.to_dict(), model_config=model.config.to_dict(),
+                        epochs=config.epochs, device=device, one_epoch=one_epoch, score=score, best="val_nll",
+                        minimize=True, extra=extra, data=record, allow_other_data=allow_other_data,
+                        callback=callback)
 
 
 def sample_slices(vq_checkpoint: str | Path, prior_checkpoint: str | Path, n: int, *, seed: int = 0,

@@ -1,9 +1,11 @@
 """Run folders shared by every model we train (VQ-VAE, VAE, prior): claim, lock, resume, replace, then the epochs.
 
-A run folder holds ``last.pt`` (everything needed to resume), ``best.pt`` (the model of the best validation
-epoch) and ``metrics.json`` (the history), rewritten atomically after every epoch in that order, so an
-interrupted run loses at most the epoch in progress and can always be resumed: a resumed run first rewrites a
-``best.pt`` or ``metrics.json`` that a kill left behind its ``last.pt``. A resumed run restores the weights,
+A run folder holds ``config.json`` (how the run was started: its configs, data, command line and versions;
+written when it starts and on every resume), ``last.pt`` (everything needed to resume), ``best.pt`` (the model
+of the best validation epoch) and ``metrics.json`` and ``metrics.csv`` (the history), the last four rewritten
+atomically after every epoch in that order, so an interrupted run loses at most the epoch in progress and can
+always be resumed: a resumed run first rewrites a ``best.pt`` or metrics file that a kill left behind its
+``last.pt``. A resumed run restores the weights,
 optimizer, scheduler and RNG, so on CPU it gives the same weights and history as one that was never interrupted.
 
 While a run trains, its folder is locked (``.lock``, holding the process id, host and command): a second run on
@@ -17,11 +19,15 @@ unless asked for.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import csv
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import platform
 import shutil
 import sys
 import time
@@ -33,16 +39,20 @@ import psutil
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from . import __version__
 from .checkpoint import CheckpointError, config_diff, load_checkpoint, save_checkpoint
 from .data import DataError, SplitData, file_stats, find_split_dirs
 from .fileio import HOST, atomic_write, process_alive, remove_stale_temps, save_json, temp_name
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.json")
-RUN_OUTPUTS = (*RUN_FILES, "maps_*")  # what replacing a run replaces (the prior also caches its code maps)
+RUN_FILES = ("last.pt", "best.pt", "metrics.json")  # a folder holding one of these holds a run
+# What replacing a run replaces (the prior also caches its code maps).
+RUN_OUTPUTS = (*RUN_FILES, "metrics.csv", "config.json", "maps_*")
 RESUME_MAY_CHANGE = ("epochs", "device")  # what a resumed run may ask for differently
 RESUME_STATE = ("optimizer_state", "scheduler_state", "rng")
+SCALER_STATE = "scaler_state"  # last.pt of an fp16 run also holds its GradScaler's state (`fit`)
+CONFIG_DEFAULTS = {"precision": "auto"}  # what a saved train config without these fields (an older run) meant
 DATA_OPTIONS = {"shape_policy": "crop", "normalization": "percentile", "cache": True}  # load_split's defaults
 LOCK = ".lock"
 REPLACED = ".replaced"
@@ -50,6 +60,21 @@ REPLACED = ".replaced"
 
 class RunError(RuntimeError):
     """A run folder that cannot be used as asked; the message says why and what to do."""
+
+
+# What `invoked_as` adds to the config.json of the runs started in its block.
+_INVOCATION: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("invocation", default={})
+
+
+@contextlib.contextmanager
+def invoked_as(command: list[str], options: dict[str, Any]) -> Iterator[None]:
+    """Record in the config.json of the runs started in the block the command line as typed (instead of the
+    process's) and its resolved options (plain values), as the CLI knows them."""
+    token = _INVOCATION.set({"command": command, "options": options})
+    try:
+        yield
+    finally:
+        _INVOCATION.reset(token)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -209,8 +234,11 @@ def _outputs(folder: Path) -> list[Path]:
 
 
 def _restore_replaced(folder: Path) -> None:
-    """Put back the run that an unfinished replacement moved aside (its new files of the same names go)."""
+    """Put back the run that an unfinished replacement moved aside; the new run's outputs go."""
     aside = folder / REPLACED
+    for path in _outputs(folder):
+        if not (aside / path.name).exists():
+            path.unlink()
     for entry in sorted(aside.iterdir()):
         os.replace(entry, folder / entry.name)
     aside.rmdir()
@@ -239,6 +267,12 @@ def _run_kind(folder: Path) -> str:
                     from None
     raise RunError(f"refusing to replace {folder}: it holds {', '.join(p.name for p in _outputs(folder))} but no "
                    "checkpoint that says what they are; delete them yourself if they may go")
+
+
+def holds_run(out_dir: str | Path, kind: str) -> bool:
+    """Whether out_dir holds a run of `kind` with a finished epoch (its last.pt; CheckpointError if unreadable)."""
+    path = Path(out_dir) / "last.pt"
+    return path.exists() and load_checkpoint(path)["kind"] == kind
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -295,7 +329,8 @@ def _resume_payload(out_dir: Path, kind: str, train_config: dict[str, Any], mode
         log.warning("%s has no finished epoch to resume: starting from scratch", out_dir)
         return None
     payload = load_resume(out_dir, kind)
-    diff = config_diff(payload["train_config"], train_config, ignore=RESUME_MAY_CHANGE + ("model",))
+    diff = config_diff({**CONFIG_DEFAULTS, **payload["train_config"]}, train_config,
+                       ignore=RESUME_MAY_CHANGE + ("model",))
     diff += config_diff(payload["model_config"], model_config)
     if diff:
         raise CheckpointError(f"cannot resume from {out_dir / 'last.pt'}: the requested config differs from the "
@@ -328,7 +363,7 @@ def load_resume(out_dir: str | Path, kind: str) -> dict[str, Any]:
     missing = [key for key in RESUME_STATE if key not in payload]
     if missing:
         raise CheckpointError(f"cannot resume from {path}: it lacks {', '.join(missing)}")
-    for key in ("optimizer_state", "scheduler_state", "rng"):
+    for key in [*RESUME_STATE, *([SCALER_STATE] if SCALER_STATE in payload else [])]:
         if not isinstance(payload[key], dict):
             raise CheckpointError(f"cannot resume from {path}: its {key} is a {type(payload[key]).__name__}")
     if not isinstance(payload["rng"].get("torch"), torch.Tensor) or payload["rng"]["torch"].dtype != torch.uint8:
@@ -348,7 +383,7 @@ def _best_epoch(history: list[dict[str, Any]], best: str, sign: float) -> int | 
 
 
 def _repair(out_dir: Path, payload: dict[str, Any], best: str, sign: float) -> None:
-    """Rewrite best.pt and metrics.json where a kill after last.pt left them an epoch behind."""
+    """Rewrite best.pt, metrics.json and metrics.csv where a kill after last.pt left them an epoch behind."""
     history = payload["history"]
     wanted = _best_epoch(history, best, sign)
     try:
@@ -361,7 +396,8 @@ def _repair(out_dir: Path, payload: dict[str, Any], best: str, sign: float) -> N
                            f"is {wanted}, which is no longer stored; the best model of this run is lost")
         log.warning("%s: rewriting best.pt of epoch %s from last.pt (the run was stopped between the two)",
                     out_dir, wanted)
-        save_checkpoint(out_dir / "best.pt", {k: v for k, v in payload.items() if k not in RESUME_STATE + ("format",)})
+        save_checkpoint(out_dir / "best.pt", {k: v for k, v in payload.items()
+                                              if k not in RESUME_STATE + (SCALER_STATE, "format")})
     metrics = out_dir / "metrics.json"
     try:
         current = json.loads(metrics.read_text())
@@ -369,6 +405,35 @@ def _repair(out_dir: Path, payload: dict[str, Any], best: str, sign: float) -> N
         current = None
     if current != history:
         save_json(metrics, history)
+    table = out_dir / "metrics.csv"
+    if not table.exists() or table.read_text() != _csv(history):
+        _save_csv(table, history)
+
+
+def _csv(history: list[dict[str, Any]]) -> str:
+    """The history as CSV text: one row per epoch, a column per key (in order of first appearance)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, list(dict.fromkeys(key for record in history for key in record)),
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return text.getvalue()
+
+
+def _save_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    text = _csv(history)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _save_config(out_dir: Path, kind: str, train_config: dict[str, Any], model_config: dict[str, Any],
+                 extra: dict[str, Any], done: int) -> None:
+    """Write out_dir/config.json: what a reader needs to rerun the run (or to know how it was started)."""
+    me = psutil.Process()
+    save_json(out_dir / "config.json", {
+        "kind": kind, "version": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "host": HOST, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cwd": os.getcwd(), "command": _command(me),
+        "options": None, **_INVOCATION.get(), "resumed_from_epoch": done, "train_config": train_config,
+        "model_config": model_config, **extra})
 
 
 def fit(out_dir: str | Path, *, kind: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -377,17 +442,20 @@ def fit(out_dir: str | Path, *, kind: str, model: torch.nn.Module, optimizer: to
         one_epoch: Callable[[int], dict[str, Any]], score: Callable[[], dict[str, Any]], best: str,
         minimize: bool = False, extra: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
         allow_other_data: bool = False, callback: Callable[[dict[str, Any]], None] | None = None,
-        main: bool = True) -> list[dict[str, Any]]:
+        main: bool = True, scaler: torch.amp.GradScaler | None = None) -> list[dict[str, Any]]:
     """Train epochs len(history) + 1 .. epochs, writing the run folder after each; returns the history.
 
     payload: what `claim` yielded (None for a new run): it is checked to be on the same data (`check_same_data`),
-    its best.pt and metrics.json are brought up to date, and its weights, optimizer, scheduler and RNG states
-    are restored first. one_epoch(epoch) trains one epoch and returns its record fields; score() validates. The
-    record of an epoch is {"epoch", "lr" (at its start), **one_epoch, **score, "seconds"}; best.pt holds the
-    epoch with the highest (or, with minimize, lowest) record[best]. extra: more plain values for both
+    its best.pt and metrics files are brought up to date, and its weights, optimizer, scheduler and RNG states
+    are restored first. config.json is written before the first epoch (`invoked_as` adds the CLI's view).
+    one_epoch(epoch) trains one epoch and returns its record fields; score() validates. The record of an epoch
+    is {"epoch", "lr" (at its start), **one_epoch, **score, "seconds"}; best.pt holds the epoch with the highest
+    (or, with minimize, lowest) record[best]. extra: more plain values for both
     checkpoints; data: the run's `data_record`, stored in both. callback(record) runs after the files are
     written. main=False (the other processes of a data-parallel run): train only; no scoring, files or
-    callback, and the history holds the one_epoch fields.
+    callback, and the history holds the one_epoch fields. scaler: the run's GradScaler; an enabled one (fp16)
+    is saved in last.pt and restored from it (a run resumed in fp16 after epochs in another precision starts
+    a fresh one).
     """
     out_dir = Path(out_dir)
     sign = -1.0 if minimize else 1.0
@@ -400,12 +468,16 @@ def fit(out_dir: str | Path, *, kind: str, model: torch.nn.Module, optimizer: to
         model.load_state_dict(payload["model_state"])
         optimizer.load_state_dict(payload["optimizer_state"])
         scheduler.load_state_dict(payload["scheduler_state"])
+        if scaler is not None and scaler.is_enabled() and payload.get(SCALER_STATE):
+            scaler.load_state_dict(payload[SCALER_STATE])
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # epochs may have changed
             group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
         _set_rng_state(payload["rng"], device)
         history = payload["history"]
     best_value = max((sign * h[best] for h in history), default=-math.inf)
     extra = {**(extra or {}), **({"data": data} if data is not None else {})}
+    if main:
+        _save_config(out_dir, kind, train_config, model_config, extra, len(history))
     for epoch in range(len(history) + 1, epochs + 1):
         started = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
@@ -420,12 +492,16 @@ def fit(out_dir: str | Path, *, kind: str, model: torch.nn.Module, optimizer: to
         state = {**extra, "kind": kind, "model_config": model_config, "train_config": train_config,
                  "model_state": model.state_dict(), "epoch": epoch, "history": history}
         # last.pt first: a run stopped after it resumes from this epoch and rewrites the other two (`_repair`).
-        save_checkpoint(out_dir / "last.pt", {**state, "optimizer_state": optimizer.state_dict(),
-                                              "scheduler_state": scheduler.state_dict(), "rng": _rng_state(device)})
+        resume_state = {"optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
+                        "rng": _rng_state(device)}
+        if scaler is not None and scaler.is_enabled():
+            resume_state[SCALER_STATE] = scaler.state_dict()
+        save_checkpoint(out_dir / "last.pt", {**state, **resume_state})
         if sign * record[best] > best_value:
             best_value = sign * record[best]
             save_checkpoint(out_dir / "best.pt", state)
         save_json(out_dir / "metrics.json", history)
+        _save_csv(out_dir / "metrics.csv", history)
         if (out_dir / REPLACED).exists():  # the new run has its first epoch: the run it replaces may go
             shutil.rmtree(out_dir / REPLACED)
         if callback is not None:

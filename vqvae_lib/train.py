@@ -4,6 +4,9 @@ Run folders (best.pt, last.pt, metrics.json, resuming) are handled by `runs`. On
 reproducible from its seed, and a resumed run gives the same weights and history as one that was never
 interrupted. Under ``torchrun --nproc_per_node=N`` the same run trains data-parallel (`distributed`): each
 process takes its share of every global batch of `batch_size` slices.
+
+Mixed precision follows the hardware (`resolve_precision`): bf16 autocast on the CPU and on GPUs with native
+bf16, fp16 autocast with a GradScaler on older GPUs (T4, V100), fp32 on Apple MPS; the quantizer stays fp32.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "amp": False, "channels_last": False,
     },
     # Our recipe: 4x grid, EMA codebook with k-means init and restarts, MSE + 0.5 (1 - SSIM), warm-up + cosine,
-    # bf16, channels_last.
+    # mixed precision (bf16 where the hardware has it), channels_last.
     "default": {
         "model": dict(hidden=64, res_hidden=32, n_res=2, downsample=4, codebook_size=512, embed_dim=64,
                       beta=0.25, ema=True, decay=0.99, usage_decay=0.9, init="kmeans", restart=True),
@@ -50,10 +53,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_run_settings(config: Any) -> None:
-    """ValueError for a bad epochs, batch_size, lr, schedule, warmup, final_lr or limit (of any run config)."""
+    """ValueError for a bad epochs, batch_size, lr, schedule, warmup, final_lr, limit or precision (of any run
+    config)."""
     checks = [
         (config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}"),
         (config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}"),
@@ -62,6 +68,7 @@ def check_run_settings(config: Any) -> None:
         (0 <= config.warmup < 1, f"warmup must be a fraction of the steps in [0, 1), got {config.warmup}"),
         (0 <= config.final_lr <= 1, f"final_lr must be a fraction of lr in [0, 1], got {config.final_lr}"),
         (config.limit is None or config.limit >= 1, f"limit must be None or >= 1, got {config.limit}"),
+        (config.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, not {config.precision!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -95,9 +102,12 @@ class TrainConfig:
 
     schedule: "constant", or "cosine": linear warm-up over the first `warmup` fraction of all steps, then
     cosine decay to `final_lr` x lr at the last step. ssim_weight: the reconstruction loss is
-    MSE + ssim_weight x (1 - SSIM) (0: MSE alone, as in the paper). amp: bf16 autocast (CUDA and CPU; the quantizer stays
-    fp32). limit: train on the first `limit` training slices only (smoke runs, tests). model: the full
-    ModelConfig as a dict. device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+    MSE + ssim_weight x (1 - SSIM) (0: MSE alone, as in the paper). amp: the recipe wants mixed precision.
+    precision: "auto" (fp32 without amp; with amp what the device does best: bf16 on the CPU and GPUs with
+    native bf16, fp16 with a GradScaler on older GPUs, fp32 on MPS), or "bf16", "fp16" or "fp32" whatever amp
+    says (`resolve_precision`; the quantizer always computes in fp32). limit: train on the first `limit`
+    training slices only (smoke runs, tests). model: the full ModelConfig as a dict. device: "auto", "cpu",
+    "cuda", "cuda:N" or "mps".
     """
 
     preset: str
@@ -114,6 +124,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     limit: int | None = None
+    precision: str = "auto"  # configs saved before it existed load as "auto"
 
     def __post_init__(self) -> None:
         check_run_settings(self)
@@ -183,13 +194,84 @@ def select_device(pref: str = "auto") -> torch.device:
     return device
 
 
+def _native_bf16(device: torch.device) -> bool:
+    """Whether CUDA `device` computes bf16 natively (compute capability 8.0 or later: Ampere on). torch's check
+    without emulation, and this device's capability (that check looks at the current device only)."""
+    return (torch.cuda.is_bf16_supported(including_emulation=False)
+            and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+def resolve_precision(config: Any, device: torch.device) -> str:
+    """The precision ("bf16", "fp16" or "fp32") a run of `config` (TrainConfig or PriorTrainConfig) trains in on
+    `device`.
+
+    "auto": fp32 without amp; with amp bf16 on the CPU and on GPUs with native bf16 (compute capability 8.0 or
+    later), fp16 (with a GradScaler) on older GPUs (T4, V100), fp32 on Apple MPS. An explicit precision is kept;
+    ValueError for bf16 on a GPU without native bf16 and for bf16 or fp16 on MPS.
+    """
+    precision = config.precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision == "auto":
+        if not config.amp or device.type == "mps":
+            return "fp32"
+        return "fp16" if device.type == "cuda" and not _native_bf16(device) else "bf16"
+    if precision != "fp32" and device.type == "mps":
+        raise ValueError(f"precision {precision} is not supported on {device}, which trains in fp32 here; "
+                         "use --precision fp32 or auto")
+    if precision == "bf16" and device.type == "cuda" and not _native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"precision bf16 needs a GPU with native bf16 (compute capability 8.0 or later), but "
+                         f"{device} ({torch.cuda.get_device_name(device)}) has compute capability {major}.{minor}; "
+                         "use --precision fp16 or fp32")
+    return precision
+
+
+def checkpoint_precision(payload: dict[str, Any], device: torch.device) -> str:
+    """The precision to run a checkpoint's model in on `device`: the one it trained in (payload["precision"];
+    older checkpoints: bf16 if their config asked for amp, else fp32), as far as `device` has it: fp16 for bf16
+    on a GPU without native bf16, fp32 on MPS."""
+    trained = payload.get("precision") or ("bf16" if payload["train_config"].get("amp", False) else "fp32")
+    if device.type == "mps":
+        return "fp32"
+    if trained == "bf16" and device.type == "cuda" and not _native_bf16(device):
+        return "fp16"
+    return trained
+
+
+def autocast(device: torch.device, amp: bool | str) -> torch.autocast:
+    """The autocast block of `amp`: a precision ("bf16", "fp16" or "fp32") or a bool (True: bf16, False: fp32)."""
+    precision = ("bf16" if amp else "fp32") if isinstance(amp, bool) else amp
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"autocast precision must be bf16, fp16, fp32 or a bool, not {amp!r}")
+    return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES.get(precision, torch.bfloat16),
+                          enabled=precision != "fp32")
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """The GradScaler of a run in `precision` on `device`: scaling fp16 losses, and for bf16 and fp32 a disabled
+    one (its scale, step and update pass straight through to the loss and optimizer)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+                   scaler: torch.amp.GradScaler) -> None:
+    """Backpropagate `loss` and take one optimiser and scheduler step, through `scaler`: the loss is scaled and
+    scaler.step unscales the gradients before the step (skipping it where they overflowed). Nothing clips
+    gradients, so nothing else needs them unscaled."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
 def for_device(config: Any, device: torch.device) -> Any:
-    """The run config (TrainConfig or PriorTrainConfig) as it trains on `device`: on Apple MPS without bf16
-    autocast and channels-last, which MPS does not run well; the saved config keeps what was asked for."""
-    if device.type != "mps":
-        return config
-    return dataclasses.replace(config, amp=False, **({"channels_last": False} if hasattr(config, "channels_last")
-                                                     else {}))
+    """The run config (TrainConfig or PriorTrainConfig) as it trains on `device`: its precision resolved
+    (`resolve_precision`), and on Apple MPS without channels-last, which MPS does not run well; the saved config
+    keeps what was asked for."""
+    mps = {"channels_last": False} if device.type == "mps" and hasattr(config, "channels_last") else {}
+    return dataclasses.replace(config, precision=resolve_precision(config, device), **mps)
 
 
 def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -252,10 +334,11 @@ def resident_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruct(model: VQVAE, images: np.ndarray, batch_size: int = 64, device: str | torch.device | None = None,
-                *, amp: bool = False, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                *, amp: bool | str = False, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Reconstruct images (N, H, W) in [0, 1] in eval mode, batch by batch.
 
-    The model is moved to `device` (default: where it is) and left in the mode it was in. amp: bf16 autocast.
+    The model is moved to `device` (default: where it is) and left in the mode it was in. amp: the autocast
+    precision, "bf16", "fp16" or "fp32" (True: bf16, False: fp32).
     Returns (recon (N, H, W) float32 clipped to [0, 1], indices (N, h, w) int64 code indices).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -265,9 +348,9 @@ def reconstruct(model: VQVAE, images: np.ndarray, batch_size: int = 64, device: 
     indices = np.empty((len(images), *model.latent_shape(images.shape[1:])), dtype=np.int64)
     try:
         for start in tqdm(range(0, len(images), batch_size), desc="reconstructing", unit="batch",
-                          disable=not progress, leave=False):
+                          disable=not progress or None, leave=False):
             x = torch.from_numpy(np.array(images[start:start + batch_size], dtype=np.float32))[:, None].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, amp):
                 out = model(x)
             recon[start:start + len(x)] = out.recon.float().clamp(0, 1)[:, 0].cpu().numpy()
             indices[start:start + len(x)] = out.vq.indices.cpu().numpy()
@@ -278,9 +361,9 @@ def reconstruct(model: VQVAE, images: np.ndarray, batch_size: int = 64, device: 
 
 @torch.no_grad()
 def validate(model: VQVAE, images: np.ndarray, batch_size: int, device: torch.device, *,
-             amp: bool = False) -> dict[str, float | int]:
+             amp: bool | str = False) -> dict[str, float | int]:
     """Scores of the whole split images (N, H, W): recon MSE (of the clipped reconstruction), mean SSIM and PSNR,
-    perplexity and number of active codes over the split.
+    perplexity and number of active codes over the split. amp: as in `reconstruct`.
 
     Computed on `device` and read once (SSIM by `ssim_torch`, which matches scikit-image's to about 1e-5, so a
     GPU does not wait for the CPU every epoch); `evaluate` reports scikit-image's own numbers.
@@ -292,7 +375,7 @@ def validate(model: VQVAE, images: np.ndarray, batch_size: int, device: torch.de
     try:
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(np.array(images[start:start + batch_size], dtype=np.float32))[:, None].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, amp):
                 out = model(x)
             recon = out.recon.float().clamp(0, 1)
             mse = (recon - x).pow(2).mean((1, 2, 3))
@@ -316,13 +399,21 @@ def global_batches(n: int, batch_size: int, world: int = 1) -> list[tuple[int, i
 
 
 def train_epoch(net: torch.nn.Module, images: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
-                config: TrainConfig, device: torch.device, epoch: int, progress: bool) -> dict[str, float]:
+                config: TrainConfig, device: torch.device, epoch: int, progress: bool,
+                scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One pass over images (N, 1, H, W) in a seeded random order; returns the mean losses (and SSIM) per image.
 
-    net: the model, or its DistributedDataParallel wrapper. Data-parallel: every process draws
+    Trains in config's precision on `device` (`resolve_precision`). scaler: the run's `grad_scaler`, which keeps
+    its scale from epoch to epoch (needed for fp16; bf16 and fp32 need none). net: the model, or its
+    DistributedDataParallel wrapper. Data-parallel: every process draws
     the same order and trains on its contiguous share of each global batch; its loss is weighted by its share, so
     the averaged gradient is that of the whole global batch.
     """
+    precision = resolve_precision(config, device)
+    if scaler is None:
+        if precision == "fp16":
+            raise ValueError("fp16 training needs the run's GradScaler: pass scaler=grad_scaler('fp16', device)")
+        scaler = grad_scaler(precision, device)
     net.train()
     world, rank = distributed.world_size(), distributed.rank()
     batches = global_batches(len(images), config.batch_size, world)
@@ -330,22 +421,20 @@ def train_epoch(net: torch.nn.Module, images: torch.Tensor, optimizer: torch.opt
     # total, MSE, SSIM, commitment, codebook (x batch size), summed on the device in float32 (MPS has no float64)
     sums = torch.zeros(5, device=device)
     seen = sum(b - a for a, b in batches)
-    with tqdm(total=seen, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress,
+    with tqdm(total=seen, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress or None,
               leave=False) as bar:
         for start, stop in batches:
             mine = torch.tensor_split(order[start:stop], world)[rank]
             x = batch_to(images[mine], device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+            with autocast(device, precision):
                 out = net(x)
             recon = out.recon.float()
             mse, ssim = F.mse_loss(recon, x), ssim_torch(recon, x).mean()
             loss = mse + out.vq.loss
             if config.ssim_weight:
                 loss = loss + config.ssim_weight * (1 - ssim)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * (len(x) * world / (stop - start))).backward()  # DDP divides the summed gradients by world
-            optimizer.step()
-            scheduler.step()
+            # weighted by this process's share of the batch: DDP divides the summed gradients by world
+            optimizer_step(loss * (len(x) * world / (stop - start)), optimizer, scheduler, scaler)
             parts = torch.stack([loss, mse, ssim, out.vq.commitment, out.vq.codebook_loss]).detach()
             sums += parts * len(x)  # no .item() per step: it would wait for the GPU every batch
             bar.update(stop - start)
@@ -376,7 +465,8 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
 
     Returns the history, one record per epoch: epoch; lr (at the epoch's start); train_loss, train_recon (MSE),
     train_ssim, train_commitment, train_codebook (means per image, in training mode); restarts (dead codes re-set
-    in the epoch); images_per_s (training, all processes); val_recon (MSE of the clipped reconstruction),
+    in the epoch); images_per_s (training, all processes); precision (the one it trained in:
+    `resolve_precision`; also stored in the checkpoints); val_recon (MSE of the clipped reconstruction),
     val_ssim, val_psnr (means over the whole validation split), val_perplexity, val_active (code usage over the
     whole split); seconds (training and validation); data-parallel runs also replica_divergence (the largest
     difference of any weight or codebook entry between processes after the epoch: 0.0 when they agree).
@@ -409,31 +499,35 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
                 compile_model(model)
             net = distributed.wrap(model, device)
             quantizer = _quantizer(model)
+            scaler = grad_scaler(config.precision, device)
 
             def one_epoch(epoch: int) -> dict[str, Any]:
                 started, restarts_before = time.perf_counter(), quantizer.restarts_total
-                record = train_epoch(net, images, optimizer, scheduler, config, device, epoch, progress and main)
+                record = train_epoch(net, images, optimizer, scheduler, config, device, epoch, progress and main,
+                                     scaler)
                 record.update(restarts=quantizer.restarts_total - restarts_before,
-                              images_per_s=per_epoch / (time.perf_counter() - started))
+                              images_per_s=per_epoch / (time.perf_counter() - started), precision=config.precision)
                 if distributed.active():
                     record["replica_divergence"] = distributed.replica_divergence(model)
                 return record
 
             history = runs.fit(out_dir, kind="vqvae", model=model, optimizer=optimizer, scheduler=scheduler,
-                               payload=payload, train_config=saved.to_dict(), model_config=model.config.to_dict(),
-                               epochs=config.epochs, device=device, one_epoch=one_epoch, best="val_ssim",
+                               scaler=scaler, payload=payload, train_config=saved.to_dict(),
+                               model_config=model.config.to_dict(), epochs=config.epochs, device=device,
+                               one_epoch=one_epoch, best="val_ssim", extra={"precision": config.precision},
                                data=record, allow_other_data=allow_other_data, callback=callback, main=main,
                                score=lambda: validate(model, val_split.images, config.batch_size, device,
-                                                      amp=config.amp))
+                                                      amp=config.precision))
         return distributed.broadcast_object(history)
 
 
 def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", *, batch_size: int = 64,
-             device: str = "auto", amp: bool | None = None, progress: bool = True,
+             device: str = "auto", amp: bool | str | None = None, progress: bool = True,
              data_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score a checkpoint on every slice of a split.
 
-    amp: bf16 autocast; None uses the checkpoint's training setting (so "validate" reproduces its val_ssim).
+    amp: the autocast precision, as in `reconstruct`; None: the one it trained in, as far as the device has it
+    (`checkpoint_precision`; so "validate" reproduces its val_ssim).
     data_options: `load_split` options (`runs.DATA_OPTIONS`).
     Returns {"checkpoint", "split", "epoch", "names" (N,), "cases" (N,), "weeks" (N,), "slices" (N,),
     "ssim" (N,), "psnr" (N,), "code_counts" (K,), "summary": {"n_slices", "ssim_mean", "ssim_min", "ssim_max",
@@ -442,7 +536,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     dev = select_device(device)
     model, payload = load_model(checkpoint, map_location=dev)
     if amp is None:
-        amp = bool(payload["train_config"].get("amp", False)) and dev.type != "mps"  # as `for_device`
+        amp = checkpoint_precision(payload, dev)
     data = load_split(data_dir, split, progress=progress, **runs.data_options(data_options))
     recon, indices = reconstruct(model, data.images, batch_size, dev, amp=amp, progress=progress)
     ssim, psnr = ssim_psnr(recon, np.asarray(data.images))

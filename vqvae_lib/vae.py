@@ -30,8 +30,8 @@ from .checkpoint import load_module
 from .data import load_split
 from .metrics import ssim_psnr
 from .model import Decoder, Encoder, ModelConfig
-from .train import (TrainConfig, batch_to, cudnn_autotune, for_device, prepare_model, resident_images,
-                    select_device)
+from .train import (TrainConfig, autocast, batch_to, cudnn_autotune, for_device, grad_scaler, optimizer_step,
+                    prepare_model, resident_images, select_device)
 
 ACTIVE_KL = 0.01  # nats per position: a latent channel with less mean KL carries (almost) no information
 
@@ -87,16 +87,17 @@ def load_vae(path: str | Path, map_location: str | torch.device = "cpu") -> tupl
 
 
 @torch.no_grad()
-def reconstruct(model: GaussianVAE, images: np.ndarray, batch_size: int = 64, *, amp: bool = False
+def reconstruct(model: GaussianVAE, images: np.ndarray, batch_size: int = 64, *, amp: bool | str = False
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode the posterior means of images (N, H, W): (recon (N, H, W) clipped to [0, 1], KL (N, D) nats)."""
+    """Decode the posterior means of images (N, H, W): (recon (N, H, W) clipped to [0, 1], KL (N, D) nats).
+    amp: the autocast precision, "bf16", "fp16" or "fp32" (True: bf16, False: fp32)."""
     device = next(model.parameters()).device
     model.eval()
     recon = np.empty(images.shape, dtype=np.float32)
     kl = np.empty((len(images), model.config.embed_dim), dtype=np.float64)
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.array(images[start:start + batch_size], dtype=np.float32))[:, None].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             out = model(x, sample=False)
         recon[start:start + len(x)] = out.recon.float().clamp(0, 1)[:, 0].cpu().numpy()
         kl[start:start + len(x)] = out.kl.float().cpu().numpy()
@@ -110,8 +111,8 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *,
     """Train a GaussianVAE with config's model, schedule and budget (its VQ settings and ssim_weight are not
     used). The run folder works as in `train.train` (best.pt: best validation SSIM). Records: epoch, lr,
     train_loss (negative ELBO, nats per pixel), train_recon (MSE), train_kl (nats per pixel), images_per_s,
-    val_ssim, val_psnr (posterior-mean reconstructions), val_kl, val_active (channels with mean KL per position
-    above ACTIVE_KL), seconds.
+    precision (`train.resolve_precision`), val_ssim, val_psnr (posterior-mean reconstructions), val_kl,
+    val_active (channels with mean KL per position above ACTIVE_KL), seconds.
     """
     options = runs.data_options(data_options)
     runs.check_data_dir(data_dir)
@@ -135,39 +136,38 @@ def _fit_vae(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, pay
     with torch.random.fork_rng(devices=runs.cuda_devices(device)), cudnn_autotune(device):
         torch.manual_seed(config.seed)
         model, optimizer, scheduler = prepare_model(GaussianVAE(config.model_config()), config, device, steps)
+        scaler = grad_scaler(config.precision, device)
 
         def one_epoch(epoch: int) -> dict[str, Any]:
             model.train()
             started, sums = time.perf_counter(), torch.zeros(3, device=device)  # float32: MPS has no float64
             order = torch.randperm(len(images), generator=runs.epoch_generator(config.seed, epoch)).to(images.device)
-            with tqdm(total=len(images), desc=f"VAE epoch {epoch}/{config.epochs}", unit="img", disable=not progress,
-                      leave=False) as bar:
+            with tqdm(total=len(images), desc=f"VAE epoch {epoch}/{config.epochs}", unit="img",
+                      disable=not progress or None, leave=False) as bar:
                 for start in range(0, len(images), config.batch_size):
                     x = batch_to(images[order[start:start + config.batch_size]], device)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+                    with autocast(device, config.precision):
                         out = model(x)
                     loss, mse, kl = neg_elbo(x, out)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
+                    optimizer_step(loss, optimizer, scheduler, scaler)
                     sums += torch.stack([loss, mse, kl]).detach() * len(x)
                     bar.update(len(x))
             loss, mse, kl = (sums / len(images)).tolist()
             if not math.isfinite(loss):
                 raise RuntimeError(f"VAE training diverged in epoch {epoch}: the loss is {loss}; lower the lr")
             return {"train_loss": loss, "train_recon": mse, "train_kl": kl,
-                    "images_per_s": len(images) / (time.perf_counter() - started)}
+                    "images_per_s": len(images) / (time.perf_counter() - started), "precision": config.precision}
 
         def score() -> dict[str, Any]:
-            recon, kl = reconstruct(model, val_images, config.batch_size, amp=config.amp)
+            recon, kl = reconstruct(model, val_images, config.batch_size, amp=config.precision)
             ssim, psnr = ssim_psnr(recon, np.asarray(val_images))
             per_position = kl.mean(0) / np.prod(model.latent_shape(val_images.shape[1:]))
             return {"val_ssim": float(ssim.mean()), "val_psnr": float(psnr.mean()),
                     "val_kl": float(kl.sum(1).mean() / np.prod(val_images.shape[1:])),
                     "val_active": int((per_position > ACTIVE_KL).sum())}
 
-        return runs.fit(out_dir, kind="vae", model=model, optimizer=optimizer, scheduler=scheduler, payload=payload,
-                        train_config=saved.to_dict(), model_config=model.config.to_dict(), epochs=config.epochs,
-                        device=device, one_epoch=one_epoch, score=score, best="val_ssim", data=record,
-                        allow_other_data=allow_other_data, callback=callback)
+        return runs.fit(out_dir, kind="vae", model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        payload=payload, train_config=saved.to_dict(), model_config=model.config.to_dict(),
+                        epochs=config.epochs, device=device, one_epoch=one_epoch, score=score, best="val_ssim",
+                        extra={"precision": config.precision}, data=record, allow_other_data=allow_other_data,
+                        callback=callback)
