@@ -4,8 +4,8 @@ macOS need no `make`). Each sets up .venv first, if it is missing or older than 
 
     python make.py setup      .venv with the pinned set (constraints.txt) and the project's Jupyter kernel
     python make.py figures    the default phantom if absent, every notebook executed, figures/ written
-    python make.py test       the test suite (arguments after the target go to pytest)
-    python make.py lab        JupyterLab on the series (arguments after `--` go to `jupyter lab`)
+    python make.py test       the test suite (other arguments go to pytest)
+    python make.py lab        JupyterLab on the series (other arguments, or those after `--`, go to `jupyter lab`)
     python make.py explorer   the codebook explorer as a web page on 127.0.0.1
     python make.py bench      the benchmarks on the full-size phantom (--device cuda on a GPU)
     python make.py ipynb      regenerate the published notebooks in colab/
@@ -77,12 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default="data/phantom", help="figures, explorer: the data (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="bench: auto, cpu, cuda or mps (default: %(default)s)")
     parser.add_argument("--lab-dir", default=".", help="lab: the folder JupyterLab shows (default: the repository)")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="test: pytest's arguments; lab: after --, jupyter lab's")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, extra = parser.parse_known_args(argv[:cut])  # the rest goes to pytest (test) or jupyter lab (lab)
+    extra += argv[cut + 1:]
     if sys.version_info < (3, 11):
         sys.exit(f"error: the project needs Python 3.11 or newer; this is {sys.version.split()[0]} "
                  f"({sys.executable}): run make.py with a newer python (make: PYTHON=python3.11)")
-    extra = args.args[1:] if args.args[:1] == ["--"] else args.args
     cli = (PYTHON, "-m", "vqvae_lib")
     if args.target == "lock":
         return lock()
