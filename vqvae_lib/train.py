@@ -1,12 +1,11 @@
 """Train and evaluate a VQ-VAE on HipMRI slices: recipes (presets), the training loop, resuming, evaluation.
 
-Run folders (best.pt, last.pt, metrics.json, resuming) are handled by `runs`. On CPU, a run is exactly
-reproducible from its seed, and a resumed run gives the same weights and history as one that was never
-interrupted. Under ``torchrun --nproc_per_node=N`` the same run trains data-parallel (`distributed`): each
-process takes its share of every global batch of `batch_size` slices.
-
-Mixed precision follows the hardware (`resolve_precision`): bf16 autocast on the CPU and on GPUs with native
-bf16, fp16 autocast with a GradScaler on older GPUs (T4, V100), fp32 on Apple MPS; the quantizer stays fp32.
+Run folders (config.json, last.pt, best.pt, metrics.json/.csv, resuming) are handled by `runs`. On CPU, a run
+is exactly reproducible from its seed, and a resumed run gives the same weights and history as one that was
+never interrupted. Under ``torchrun --nproc_per_node=N`` the same run trains data-parallel (`distributed`):
+each process takes its share of every global batch of `batch_size` slices. Mixed precision follows the
+hardware (`resolve_precision`): bf16 autocast on the CPU and on GPUs with native bf16, fp16 autocast with a
+GradScaler on older GPUs (T4, V100), fp32 on Apple MPS; the quantizer stays fp32.
 """
 
 from __future__ import annotations
@@ -451,7 +450,8 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
           callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a VQVAE on the train split of data_dir, validating on the whole validate split after every epoch.
 
-    Writes out_dir/last.pt, best.pt (best validation SSIM) and metrics.json after every epoch (`runs.fit`),
+    Writes out_dir/config.json at the start, then last.pt, best.pt (best validation SSIM), metrics.json and
+    metrics.csv after every epoch (`runs.fit`),
     holding the folder's lock meanwhile (`runs.claim`). resume: continue from last.pt (only `epochs` and
     `device` may differ from its config; a finished run is returned as is; a folder without a finished epoch
     starts from scratch); a resume on other data than the run's is refused unless allow_other_data.
