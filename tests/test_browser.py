@@ -146,7 +146,8 @@ def test_lab_opens_a_script_as_a_notebook_with_live_widgets(tiny_phantom, refere
             page.goto(f"http://{pageserver.HOST}:{port}/lab/tree/notebooks/{script.name}?token={token}")
             page.wait_for_selector(".jp-NotebookPanel .jp-CodeCell", timeout=120_000)  # a notebook, not an editor
             assert page.locator(".jp-FileEditor").count() == 0
-            # the committed kernelspec (python3, the lab's own Python), connected and idle (a cell run before that is not executed)
+            # the committed kernelspec (python3: the lab's own Python), connected and idle (a cell run before that
+            # is not executed)
             page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=120_000)
             page.click(".jp-CodeCell .jp-InputArea-editor")
             page.keyboard.press("Control+Enter")  # run the cell

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from vqvae_lib import pageserver, runner, tasks
+from vqvae_lib import cli, pageserver, runner, tasks
 
 
 def test_figures_runs_the_notebooks_and_skips_the_screenshot_without_a_browser(tiny_phantom, tmp_path, monkeypatch,
@@ -82,3 +82,16 @@ def test_make_py_refuses_an_old_python():
              f"runpy.run_path({str(runner.REPO / 'make.py')!r}, run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 1 and "needs Python 3.11 or newer" in result.stderr
+
+
+def test_a_failing_notebook_is_one_line_naming_it_and_its_cell(tiny_phantom, tmp_path, capsys):
+    source = tmp_path / "notebooks"
+    source.mkdir()
+    (source / "01_broken.py").write_text('# %% tags=["parameters"]\nSMOKE = False\n\n'
+                                         '# %%\nraise ValueError("bad slice")\n')
+    code = cli.main(["notebooks", "--notebook-dir", str(source), "--data-dir", str(tiny_phantom),
+                     "--fig-dir", str(tmp_path / "figures"), "--build", str(tmp_path / "build")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("error: 01_broken.py failed: ValueError: bad slice (traceback in cell 3 of ")  # 2: injected
+    assert err.endswith("01_broken.ipynb)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def to_ipynb(script: Path, out_dir: Path, kernel: str = KERNEL) -> Path:
     return out
 
 
+class NotebookFailed(RuntimeError):
+    """A cell of a notebook raised while it was executed."""
+
+
 def execute(script: Path, build: Path, parameters: dict, kernel: str = KERNEL, progress: bool = True) -> Path:
     """Run one notebook with papermill, passing the `parameters` its parameters cell declares; returns the
     executed copy's path."""
@@ -71,9 +76,13 @@ def execute(script: Path, build: Path, parameters: dict, kernel: str = KERNEL, p
     out.parent.mkdir(parents=True, exist_ok=True)
     declared = papermill.inspect_notebook(str(nb))
     log.info("executing %s", script.name)
-    papermill.execute_notebook(str(nb), str(out), parameters={k: v for k, v in parameters.items() if k in declared},
-                               kernel_name=kernel,
-                               cwd=str(script.parent), progress_bar=progress)
+    try:
+        papermill.execute_notebook(str(nb), str(out), kernel_name=kernel, cwd=str(script.parent),
+                                   parameters={k: v for k, v in parameters.items() if k in declared},
+                                   progress_bar=progress and sys.stderr.isatty())  # none in logs
+    except papermill.PapermillExecutionError as e:  # one line for the CLI; the traceback is in the copy
+        raise NotebookFailed(f"{script.name} failed: {e.ename}: {e.evalue} (traceback in cell {e.exec_count} of "
+                             f"{out})") from e
     return out
 
 
