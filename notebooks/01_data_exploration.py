@@ -248,7 +248,8 @@ assert batch.shape[1:] == (1, *data.WORK_SHAPE) and 0 <= batch.min() and batch.m
 # 1. Why would a random slice-level split overestimate test performance? How many test patients does the
 #    real data set have, and what does that mean for the uncertainty of a test score?
 # 2. Mean SSIM on these slices counts the black background. What SSIM would a model that outputs pure
-#    black get on a slice that is 60 % background? (Try it with `skimage.metrics.structural_similarity`.)
+#    black get on a slice that is about 43 % background, the slices' share in the table above (60 % is the
+#    share of the 3D volumes)? (Try it with `skimage.metrics.structural_similarity`.)
 # 3. Cropping, padding or resizing the 256 x 144 slices: which one changes what a pixel means, and which
 #    one changes what the model sees at the edges?
 # 4. Percentile normalisation is per slice. What information does it throw away, and when could that

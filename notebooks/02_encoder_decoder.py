@@ -173,5 +173,7 @@ viz.latent_grids(slice_[0, 0].numpy(), FACTORS, FIGS / "02_latent_grids.png");
 #    input pixel is covered.)
 # 2. The residual blocks add parameters but not resolution. What would happen to the reconstructions
 #    with `n_res=0`?
-# 3. The measured receptive field is slightly smaller than the computed one at the image border. Why?
+# 3. For the central cell, the measured field equals the computed one at 4x and 8x, but at 16x (the last line
+#    printed above) it is narrower across the slice. Why can it not be as wide there, and what does the
+#    encoder see where its field reaches past the image?
 # 4. At 16x a 256 x 128 slice is 128 codes of 9 bits. Is that enough to store where the prostate is?

@@ -106,8 +106,9 @@ print(f"code frequencies only: {unigram:.3f} nats = {unigram / math.log(2):.2f} 
 # ## 2. Masked convolutions, checked
 #
 # The gated PixelCNN (van den Oord et al. 2016) has two stacks of convolutions. The **vertical stack** sees the
-# rows above a position; the **horizontal stack** sees the positions to its left in the same row, and receives
-# the vertical stack's output shifted down by one row, so nothing from the current row leaks in through it. The
+# rows above a position and the position's own row (its kernel covers rows up to the current one, to the left
+# and the right); the **horizontal stack** sees the positions to its left in the same row, and receives the
+# vertical stack's output shifted down by one row, so nothing from the current row leaks in through it. The
 # first horizontal layer also excludes the position itself. Every layer is gated, tanh(a) * sigmoid(b), and
 # can add an embedding of where the slice lies in its scan (8 bins), so we can ask for a slice near the edge
 # of the pelvis or through its middle. Here is one layer:
@@ -182,8 +183,9 @@ print(f"{prior_path}: best validation NLL {best['val_nll']:.3f} nats = {best['va
 #
 # Sampling draws the 512 codes one after another, each from the prior's distribution given the codes drawn so
 # far, then decodes the map. A temperature below 1 sharpens every distribution (safer, less varied samples).
-# The vertical stack depends only on finished rows, so `PixelCNNPrior.sample` runs it once per row and only the
-# horizontal stack once per position; `row_logits` is tested to give exactly the logits of the full network.
+# What the horizontal stack gets from the vertical one depends only on finished rows, so `PixelCNNPrior.sample`
+# runs the vertical stack once per row and only the horizontal stack once per position; `row_logits` is tested
+# to give exactly the logits of the full network.
 # From a shell:
 #
 # ```bash
