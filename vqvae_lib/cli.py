@@ -56,6 +56,15 @@ def _notebooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoints(args: argparse.Namespace) -> int:
+    from . import retrain, tasks
+    data_dir = args.data_dir.resolve() if args.data_dir else tasks.DEFAULT_PHANTOM
+    tasks.ensure_phantom(data_dir)
+    retrain.build(data_dir, (args.runs or tasks.in_repo("build/checkpoints")).resolve(),
+                  (args.out or tasks.in_repo("checkpoints")).resolve(), device=args.device)
+    return 0
+
+
 def _task(name: str, *args: Any, **kwargs: Any) -> int:
     """Run vqvae_lib.tasks.NAME (figures, lab, explorer): its exit code, or 0 for one that returns none."""
     from . import tasks
@@ -535,6 +544,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explorer", help="serve the codebook explorer as a web page (Voila) on 127.0.0.1")
     p.add_argument("--port", type=_positive_int, help="the port (default: a free one)")
     p.set_defaults(func=lambda args: _task("explorer", port=args.port))
+
+    p = sub.add_parser("checkpoints", help="retrain every committed checkpoint from the current code, resumably, "
+                                          "then write them and MANIFEST.json (about an hour on a 2-core CPU)")
+    p.add_argument("--data-dir", type=Path, help="the data (default: data/phantom in the repository, written if "
+                                                 "absent)")
+    p.add_argument("--runs", type=Path, help="the run folders, resumed when rerun (default: build/checkpoints/ in "
+                                             "the repository)")
+    p.add_argument("--out", type=Path, help="where the checkpoints and MANIFEST.json go (default: checkpoints/ in "
+                                            "the repository)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=_checkpoints)
 
     run_folder = "run folder (refused if it holds a run, unless --resume or --overwrite)"
     p = sub.add_parser("train", help="train a VQ-VAE; writes config.json, best.pt, last.pt, metrics.json and "

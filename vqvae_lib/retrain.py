@@ -1,0 +1,132 @@
+"""Retrain every committed checkpoint from the current code (`make checkpoints`, `hipmri-vqvae checkpoints`).
+
+The models train in dependency order (the prior after the VQ-VAE it encodes with), each in its own run folder
+under `runs` with `--resume auto`, so a killed or requeued job continues where it stopped. Only when all of
+them have finished are they copied into the checkpoint folder, together with MANIFEST.json: for each file its
+sha256, the exact command, the data's fingerprint, the code revision, the training time, the machine and its
+headline metrics (test scores from `evaluate`, the prior's validation NLL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__, runner, train
+from .checkpoint import load_checkpoint
+from .fileio import atomic_write, save_json
+from .prior import file_sha256
+
+MANIFEST = "MANIFEST.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One committed checkpoint: NAME.pt is the best.pt of `command` (CLI words; {NAME} is the run folder of an
+    earlier recipe). cpu_minutes: its training time on the project's 2-core CPU, as a guide."""
+
+    name: str
+    command: tuple[str, ...]
+    cpu_minutes: float
+
+
+RECIPES = (
+    Recipe("default", ("train", "--preset", "default"), 20),
+    Recipe("default_8x", ("train", "--preset", "default", "--downsample", "8", "--epochs", "15"), 8),
+    Recipe("seed_8x", ("train", "--preset", "seed", "--epochs", "15"), 16),
+    Recipe("prior_8x", ("prior", "--checkpoint", "{default_8x}/best.pt"), 4.5),
+    Recipe("vae_8x", ("vae", "--downsample", "8", "--epochs", "15"), 3),
+)
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """sha256 over every slice file of a HipMRI-layout folder: relative names and contents, in sorted order."""
+    data_dir = Path(data_dir)
+    digest = hashlib.sha256()
+    for path in sorted(data_dir.glob("*/*.nii*")):
+        digest.update(f"{path.relative_to(data_dir).as_posix()}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def code_revision() -> str:
+    """The repository's commit, with "+changes" when tracked files differ from it ("unknown" outside git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=runner.REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=runner.REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
+def _machine(device: str) -> dict[str, Any]:
+    dev = train.select_device(device)
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpus": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
+            "python": platform.python_version(), "torch": torch.__version__, "vqvae_lib": __version__}
+
+
+def _copy(source: Path, f: Any) -> None:
+    with open(source, "rb") as src:
+        shutil.copyfileobj(src, f)
+
+
+def _headline(best: Path, data_dir: Path, device: str) -> dict[str, Any]:
+    """What the README and notebooks quote of a checkpoint: test scores of a VQ-VAE, validation of the others."""
+    payload = load_checkpoint(best)
+    record = max(payload["history"], key=lambda r: -r["val_nll"] if "val_nll" in r else r["val_ssim"])
+    if payload["kind"] == "vqvae":
+        return {"test": train.evaluate(best, data_dir, "test", device=device, progress=False)["summary"],
+                "best_validation_epoch": record}
+    return {"best_validation_epoch": record}
+
+
+def build(data_dir: str | Path, runs: str | Path, out: str | Path, *, device: str = "auto",
+          recipes: tuple[Recipe, ...] = RECIPES) -> dict[str, Any]:
+    """Train every recipe (resuming its run folder), then write each best.pt to OUT/NAME.pt and OUT/MANIFEST.json;
+    returns the manifest. Nothing in `out` changes unless every run has finished."""
+    from . import cli
+    data_dir, runs, out = Path(data_dir), Path(runs), Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {out} does not exist")
+    folders = {r.name: runs / r.name for r in recipes}
+    entries = {}
+    for i, recipe in enumerate(recipes, 1):
+        words = [w.format(**{k: str(v) for k, v in folders.items()}) for w in recipe.command]
+        command = [*words, "--data-dir", str(data_dir), "--out", str(folders[recipe.name]), "--resume", "auto",
+                   "--device", device]
+        print(f"[{i}/{len(recipes)}] {recipe.name}: hipmri-vqvae {' '.join(command)} "
+              f"(about {recipe.cpu_minutes:g} min on a 2-core CPU)", flush=True)
+        started = time.perf_counter()
+        try:
+            code = cli.main(command)
+        except SystemExit as e:  # a bad option: argparse has said why
+            code = e.code
+        if code:
+            raise RuntimeError(f"{recipe.name}: `hipmri-vqvae {' '.join(command)}` failed with exit code {code}")
+        history = load_checkpoint(folders[recipe.name] / "last.pt")["history"]
+        entries[recipe.name] = {"command": f"hipmri-vqvae {' '.join(command)}",
+                                "train_seconds": round(sum(r["seconds"] for r in history), 1),
+                                "this_call_seconds": round(time.perf_counter() - started, 1)}
+    fingerprint, revision, machine = data_fingerprint(data_dir), code_revision(), _machine(device)
+    manifest = {"command": "make checkpoints", "data_dir": str(data_dir), "data_sha256": fingerprint,
+                "code_revision": revision, "machine": machine, "checkpoints": {}}
+    for recipe in recipes:
+        best = folders[recipe.name] / "best.pt"
+        target = out / f"{recipe.name}.pt"
+        atomic_write(target, lambda f, source=best: _copy(source, f))
+        manifest["checkpoints"][target.name] = {
+            "sha256": file_sha256(target), **entries[recipe.name], "data_sha256": fingerprint,
+            "code_revision": revision, "metrics": _headline(target, data_dir, device)}
+    save_json(out / MANIFEST, manifest)
+    print(f"wrote {len(recipes)} checkpoints and {out / MANIFEST}")
+    return manifest
