@@ -10,6 +10,7 @@ headline metrics (test scores from `evaluate`, the prior's validation NLL).
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import shutil
 import subprocess
@@ -70,7 +71,7 @@ def code_revision() -> str:
 
 def _machine(device: str) -> dict[str, Any]:
     dev = train.select_device(device)
-    return {"platform": platform.platform(), "processor": platform.machine(), "cpus": torch.get_num_threads(),
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
             "python": platform.python_version(), "torch": torch.__version__, "vqvae_lib": __version__}
 
