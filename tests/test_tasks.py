@@ -35,7 +35,7 @@ def test_only_the_default_phantom_is_generated_on_demand(tmp_path):
     with pytest.raises(FileNotFoundError, match="typo does not exist"):
         tasks.ensure_phantom(tmp_path / "typo")
     assert not (tmp_path / "typo").exists()
-    assert tasks.in_repo("data/phantom") == tasks.DEFAULT_PHANTOM
+    assert runner.in_repo("data/phantom") == tasks.DEFAULT_PHANTOM
 
 
 def test_the_browser_is_found_on_the_path_or_named_by_chromium(tmp_path, monkeypatch):

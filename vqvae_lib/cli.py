@@ -57,11 +57,11 @@ def _notebooks(args: argparse.Namespace) -> int:
 
 
 def _checkpoints(args: argparse.Namespace) -> int:
-    from . import retrain, tasks
+    from . import retrain, runner, tasks
     data_dir = args.data_dir.resolve() if args.data_dir else tasks.DEFAULT_PHANTOM
     tasks.ensure_phantom(data_dir)
-    retrain.build(data_dir, (args.runs or tasks.in_repo("build/checkpoints")).resolve(),
-                  (args.out or tasks.in_repo("checkpoints")).resolve(), device=args.device)
+    retrain.build(data_dir, (args.runs or runner.in_repo("build/checkpoints")).resolve(),
+                  (args.out or runner.in_repo("checkpoints")).resolve(), device=args.device)
     return 0
 
 

@@ -46,8 +46,7 @@ ERROR = ".explorer-error"
 
 def resolve(value: str | None, default: str) -> Path:
     """A path from an environment variable (or its default); relative ones are taken from the repository."""
-    path = Path(value or default).expanduser()
-    return path if path.is_absolute() else runner.REPO / path
+    return runner.in_repo(value or default)
 
 
 def inputs(environ: dict[str, str] | None = None) -> tuple[Path, Path, str]:

@@ -31,6 +31,12 @@ BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 log = logging.getLogger(__name__)
 
 
+def in_repo(path: str | Path) -> Path:
+    """`path`, with a relative one taken from the repository (not from where a command is run)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO / path
+
+
 def notebook_paths(only: list[str] | None = None, source: Path = NOTEBOOK_DIR) -> list[Path]:
     """The numbered notebooks (NN_name.py) in `source`, in order; `only` keeps those whose name starts with one of
     the prefixes. Raises FileNotFoundError if there are none."""

@@ -1,7 +1,7 @@
 """The project's main jobs as Python functions, the same on Linux, macOS and Windows: `figures`, `lab` and
 `explorer` (CLI: `hipmri-vqvae figures|lab|explorer`; `make` and `python make.py` call them).
 
-Relative paths are taken from the repository (`runner.REPO`), not from where the command is run.
+Relative paths are taken from the repository (`runner.in_repo`), not from where the command is run.
 """
 
 from __future__ import annotations
@@ -17,12 +17,6 @@ from . import explorer_page, pageserver, phantom, runner
 DEFAULT_PHANTOM = runner.REPO / "data" / "phantom"
 SCREENSHOT = "05_explorer_page.png"
 log = logging.getLogger(__name__)
-
-
-def in_repo(path: str | Path) -> Path:
-    """`path`, with a relative one taken from the repository."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else runner.REPO / path
 
 
 def ensure_phantom(data_dir: Path) -> None:
@@ -44,15 +38,15 @@ def figures(data_dir: str | Path = DEFAULT_PHANTOM, fig_dir: str | Path = "figur
     """Every figure: the default phantom if absent, every notebook executed (figures to `fig_dir`), then the
     explorer page's screenshot, which needs a Chromium: without one it is skipped with a warning. Returns the
     executed notebooks."""
-    data_dir, fig_dir, build = in_repo(data_dir), in_repo(fig_dir), in_repo(build)
+    data_dir, fig_dir, build = runner.in_repo(data_dir), runner.in_repo(fig_dir), runner.in_repo(build)
     ensure_phantom(data_dir)
     params = {"SMOKE": smoke, "DATA_DIR": str(data_dir), "FIG_DIR": str(fig_dir), "SEED": seed}
-    source = in_repo(notebook_dir) if notebook_dir else runner.NOTEBOOK_DIR
+    source = runner.in_repo(notebook_dir) if notebook_dir else runner.NOTEBOOK_DIR
     executed = runner.run_all(params, build, source=source)
     if screenshot:
         path = fig_dir / SCREENSHOT
         try:
-            checkpoint = explorer_page.resolve(None, explorer_page.DEFAULT_CHECKPOINT)
+            checkpoint = runner.in_repo(explorer_page.DEFAULT_CHECKPOINT)
             explorer_page.screenshot(path, data_dir, checkpoint, explorer_page.DEFAULT_DEVICE)
             print(f"wrote {path}")
         except pageserver.BrowserMissing as e:
@@ -72,7 +66,8 @@ def lab(lab_dir: str | Path = ".", args: list[str] | tuple[str, ...] = ()) -> in
                     "right click > Open With > Notebook", settings)
     root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
     command = [sys.executable, "-m", "jupyterlab", "--ServerApp.ip=127.0.0.1",
-               f"--ServerApp.root_dir={in_repo(lab_dir)}", "--LabApp.default_url=/lab/tree/notebooks", *root, *args]
+               f"--ServerApp.root_dir={runner.in_repo(lab_dir)}", "--LabApp.default_url=/lab/tree/notebooks", *root,
+               *args]
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:

@@ -208,9 +208,7 @@ def resolve_precision(config: Any, device: torch.device) -> str:
     later), fp16 (with a GradScaler) on older GPUs (T4, V100), fp32 on Apple MPS. An explicit precision is kept;
     ValueError for bf16 on a GPU without native bf16 and for bf16 or fp16 on MPS.
     """
-    precision = config.precision
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    precision = config.precision  # one of PRECISIONS: `check_run_settings` checked it
     if precision == "auto":
         if not config.amp or device.type == "mps":
             return "fp32"
