@@ -31,6 +31,18 @@
 #
 # **Expected run time:** about 30 s on a 2-core CPU for the default phantom (the first run decodes the
 # slices and caches them); no GPU is used.
+#
+# **What the phantom is, and what it is not.** The phantom copies what a loader and a model meet in the
+# real slices: the layout and file names, the patient-level splits, 256 x 128 float32 slices in scanner units
+# (one scan at 256 x 144, some files with a singleton axis), sagittal reformats of 3D pelvis volumes with body,
+# fat, muscles, bones, bladder, prostate and rectum in about the real label shares, weekly changes of bladder
+# and rectum, speckled texture, partial-volume blur, a smooth coil bias field and Rician noise. It does not
+# have real anatomy's variety and detail (every organ is a smooth parametric shape, there are no tumours,
+# implants, fiducial markers or catheters, no zonal anatomy beyond a brighter peripheral zone), nor the
+# artefacts of real scans (motion, ghosting, wrap-around, chemical shift, intensity steps between
+# acquisitions), nor the real data's numbers: the default phantom has 4 training patients, the real data 32.
+# So a model's scores here teach how the method behaves; they do not predict its scores on real scans, which
+# can be higher (more patients to learn from) or lower (texture and artefacts that no 4x bottleneck keeps).
 
 # %% tags=["parameters"]
 SMOKE = False  # fast settings for the tests
@@ -57,10 +69,12 @@ import torch
 
 import vqvae_lib
 from vqvae_lib import data, viz
+from vqvae_lib.claims import Claims
 from vqvae_lib.phantom import REAL_LABEL_SHARES
 
 rng = np.random.default_rng(SEED)
 torch.manual_seed(SEED)
+claims = Claims(SMOKE, DATA)  # sentences below that state a measured result are checked in full mode
 print(f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
       f"nibabel {nibabel.__version__}, matplotlib {matplotlib.__version__}, vqvae_lib {vqvae_lib.__version__}")
 print(f"data: {DATA.resolve()}\nfigures: {FIGS.resolve()}")
@@ -151,8 +165,8 @@ else:
 
 # %% [markdown]
 # Loading a split decodes every slice once, applies the shape policy and the normalisation below, and
-# caches the result on disk as one memory-mapped array, so the next load takes well under a second. The
-# loader says which slices it changed:
+# caches the result on disk as one memory-mapped array, so the next load only opens that file. The loader
+# says which slices it changed:
 
 # %%
 train = data.load_split(DATA, "train", masks=True)
@@ -229,6 +243,15 @@ shares["real 3D scans"] = REAL_LABEL_SHARES
 viz.label_shares(shares, FIGS / "01_label_shares.png");
 for name in data.LABELS:
     print(f"{name:<10}" + "".join(f"{s[name]:>10.3%}" for s in shares.values()))
+if "train slices" in shares:
+    slices, volumes = shares["train slices"], shares.get("phantom 3D volumes", REAL_LABEL_SHARES)
+    claims(0.0005 < volumes["prostate"] < 0.002, "the prostate fills about a thousandth of a scan",
+           f"{volumes['prostate']:.3%} of the 3D volumes")
+    claims(slices["background"] < volumes["background"] and slices["body"] > volumes["body"],
+           "the 2D slices hold more body and less background than the whole volume",
+           f"background {slices['background']:.1%} against {volumes['background']:.1%}")
+    claims(0.40 < slices["background"] < 0.46, "the slices are about 43 % background (question 2)",
+           f"{slices['background']:.1%}")
 
 # %% [markdown]
 # ## 8. Batches for PyTorch
@@ -241,6 +264,15 @@ loader = data.make_loader(train, batch_size=8, seed=SEED)
 batch = next(iter(loader))
 print("batch", tuple(batch.shape), batch.dtype, f"min {batch.min():.2f} max {batch.max():.2f}")
 assert batch.shape[1:] == (1, *data.WORK_SHAPE) and 0 <= batch.min() and batch.max() <= 1
+
+# %% [markdown]
+# ## Checked claims
+#
+# Every sentence above that states a measured result was checked by an assertion next to the cell that
+# measures it (in full mode, the mode of `make figures`; the tests' SMOKE runs only count them):
+
+# %%
+print(claims)
 
 # %% [markdown]
 # ## Questions

@@ -48,10 +48,12 @@ import torch
 
 import vqvae_lib
 from vqvae_lib import data, viz
+from vqvae_lib.claims import Claims
 from vqvae_lib.model import VQVAE, ModelConfig
 from vqvae_lib.train import PRESETS
 
 torch.manual_seed(SEED)
+claims = Claims(SMOKE, DATA)  # sentences below that state a measured result are checked in full mode
 print(f"python {platform.python_version()}, torch {torch.__version__}, vqvae_lib {vqvae_lib.__version__}")
 
 # %% [markdown]
@@ -99,8 +101,13 @@ def layer_shapes(module: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, st
 for title, module, x in (("encoder", model.encoder, slice_),
                          ("decoder", model.decoder, model.encoder(slice_).detach())):
     print(f"{title}: input {tuple(x.shape)}")
-    for name, kind, shape, params in layer_shapes(module, x):
+    shapes = layer_shapes(module, x)
+    for name, kind, shape, params in shapes:
         print(f"  {name:<22} {kind:<16} {str(shape):<20} {params:>9,}")
+    shape_of = {name: shape for name, _, shape, _ in shapes}
+    blocks = sorted({name.rsplit(".", 1)[0] for name in shape_of if ".blocks." in name})
+    claims(all(shape_of[f"{b}.0"] == shape_of[f"{b}.3"] for b in blocks),  # the ReLU at its input, its last conv
+           f"the {title}'s residual blocks keep the shape", f"{len(blocks)} blocks")
 
 # %% [markdown]
 # The residual blocks keep the shape: the information flows around them and each block only adds a
@@ -152,10 +159,20 @@ for factor in FACTORS:
     fields[factor] = (receptive_field(m.encoder), (int(rows_[-1] - rows_[0] + 1), int(cols_[-1] - cols_[0] + 1)))
     maps.append(seen)
     print(f"{factor:>2}x: computed receptive field {fields[factor][0]} px, measured {fields[factor][1]}")
+for factor in (4, 8):
+    claims(fields[factor][1] == (fields[factor][0],) * 2, f"the measured field equals the computed one at {factor}x",
+           f"{fields[factor]}")
+claims(fields[16][1][0] == fields[16][0] > fields[16][1][1] == slice_.shape[3] - 1,
+       "at 16x the measured field is narrower across the slice than the computed one (question 3)",
+       f"{fields[16]}")
 
 # %%
 viz.receptive_fields(slice_[0, 0].numpy(), maps, [f"{f}x: one code sees {fields[f][1][0]} x {fields[f][1][1]} px"
                                                   for f in FACTORS], FIGS / "02_receptive_fields.png");
+
+# %%
+claims(2 < fields[4][0] * 0.17 < 9, "at 4x each code sees a patch of a few centimetres",
+       f"{fields[4][0]} px of about 1.7 mm = {fields[4][0] * 0.17:.1f} cm")
 
 # %% [markdown]
 # At 4x each code sees a patch of a few centimetres (pixels are about 1.7 mm), so the codes can describe
@@ -165,6 +182,15 @@ viz.receptive_fields(slice_[0, 0].numpy(), maps, [f"{f}x: one code sees {fields[
 
 # %%
 viz.latent_grids(slice_[0, 0].numpy(), FACTORS, FIGS / "02_latent_grids.png");
+
+# %% [markdown]
+# ## Checked claims
+#
+# Every sentence above that states a measured result was checked by an assertion next to the cell that
+# measures it (in full mode, the mode of `make figures`; the tests' SMOKE runs only count them):
+
+# %%
+print(claims)
 
 # %% [markdown]
 # ## Questions

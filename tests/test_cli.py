@@ -99,6 +99,62 @@ def test_user_errors_are_one_line_naming_the_value(argv, message, tiny_phantom, 
     assert not (tmp_path / "run").exists() and not (tmp_path / "ph").exists()
 
 
+def test_evaluate_reports_both_ssims_and_per_scan_means_with_an_interval(tiny_phantom, tmp_path, capsys):
+    """A test split of 3 scans of 2 patients (the tiny phantom's scans, one renamed), scored by an untrained model:
+    the per-scan means and their bootstrap intervals over scans, on the terminal and in --json."""
+    from vqvae_lib.checkpoint import FORMAT
+    from vqvae_lib.metrics import bootstrap_interval
+    test_dir = tmp_path / "hipmri" / "keras_slices_test"
+    test_dir.mkdir(parents=True)
+    for split, prefix, name_as in (("test", "case_040_week_5_", "case_040_week_5_"),
+                                   ("validate", "case_036_week_4_", "case_036_week_4_"),
+                                   ("train", "case_019_week_0_", "case_040_week_9_")):
+        files = sorted((tiny_phantom / f"keras_slices_{split}").glob(f"{prefix}*"))
+        assert len(files) == 60, (split, prefix)
+        for path in files:
+            (test_dir / path.name.replace(prefix, name_as)).write_bytes(path.read_bytes())
+    config = ModelConfig(hidden=16, res_hidden=8, codebook_size=16, embed_dim=8)
+    torch.manual_seed(0)
+    torch.save({"format": FORMAT, "kind": "vqvae", "model_config": config.to_dict(), "train_config": {},
+                "model_state": VQVAE(config).state_dict(), "epoch": 0, "history": []}, tmp_path / "untrained.pt")
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "untrained.pt"), "--data-dir", str(tmp_path / "hipmri"),
+                 "--device", "cpu", "--json", str(report)]) == 0
+    text = capsys.readouterr().out
+    written = json.loads(report.read_text())
+    summary, scans, slices = written["summary"], written["scans"], written["slices"]
+
+    keys = sorted({(s["case"], s["week"]) for s in slices})
+    assert keys == [(36, 4), (40, 5), (40, 9)] and summary["n_scans"] == len(keys) == len(scans) == 3
+    assert summary["n_patients"] == 2 and summary["n_slices"] == len(slices) == 180
+    assert [(s["case"], s["week"], s["n_slices"]) for s in scans] == [key + (60,) for key in keys]
+    for name in ("ssim", "ssim_gaussian", "psnr"):
+        per_slice = np.array([s[name] for s in slices])
+        recomputed = [per_slice[[(s["case"], s["week"]) == key for s in slices]].mean() for key in keys]
+        np.testing.assert_allclose([s[name] for s in scans], recomputed, rtol=1e-12)
+        assert summary[f"scan_{name}_mean"] == pytest.approx(np.mean(recomputed), rel=1e-12)
+        low, high = summary[f"scan_{name}_ci95"]
+        assert (low, high) == bootstrap_interval(np.array([s[name] for s in scans]))
+        assert min(recomputed) <= low < np.mean(recomputed) < high <= max(recomputed)
+    gaussian = np.array([s["ssim_gaussian"] for s in slices])
+    assert summary["ssim_gaussian_mean"] == pytest.approx(gaussian.mean(), rel=1e-12)
+    assert (summary["ssim_gaussian_min"], summary["ssim_gaussian_max"]) == (gaussian.min(), gaussian.max())
+    assert not np.allclose(gaussian, [s["ssim"] for s in slices], atol=1e-3)  # two conventions, two numbers
+
+    s = summary
+    assert (f"  SSIM  mean {s['ssim_mean']:.4f}  min {s['ssim_min']:.4f}  max {s['ssim_max']:.4f}   "
+            f"(scikit-image default: 7x7 uniform window)\n") in text
+    assert (f"  SSIM  mean {s['ssim_gaussian_mean']:.4f}  min {s['ssim_gaussian_min']:.4f}  max "
+            f"{s['ssim_gaussian_max']:.4f}   (Wang et al. 2004: 11x11 Gaussian, sigma 1.5; MONAI, most papers)\n"
+            ) in text
+    (ssim_low, ssim_high), (g_low, g_high), (psnr_low, psnr_high) = (
+        s["scan_ssim_ci95"], s["scan_ssim_gaussian_ci95"], s["scan_psnr_ci95"])
+    assert (f"  per scan: 3 scans of 2 patients; SSIM {s['scan_ssim_mean']:.4f} (95 % bootstrap interval over scans "
+            f"{ssim_low:.4f}..{ssim_high:.4f}), Gaussian SSIM {s['scan_ssim_gaussian_mean']:.4f} "
+            f"({g_low:.4f}..{g_high:.4f}), PSNR {s['scan_psnr_mean']:.2f} dB ({psnr_low:.2f}..{psnr_high:.2f})\n"
+            ) in text
+
+
 def test_train_with_a_missing_data_folder_leaves_no_run_folder(tmp_path, capsys):
     assert main(["train", "--data-dir", str(tmp_path / "TYPO"), "--out", str(tmp_path / "runs" / "a")]) == 2
     assert capsys.readouterr().err == f"error: data folder {tmp_path / 'TYPO'} does not exist\n"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy.signal import correlate2d
 from skimage.metrics import structural_similarity
 
-from vqvae_lib.metrics import (CodeUsage, high_frequency_share, in_real_range, nearest_by_ssim, slice_stats,
-                               ssim_foreground, ssim_psnr, ssim_torch)
+from vqvae_lib.metrics import (CodeUsage, bootstrap_interval, high_frequency_share, in_real_range, nearest_by_ssim,
+                               scan_means, slice_stats, ssim_foreground, ssim_gaussian, ssim_psnr, ssim_torch)
 
 
 @pytest.fixture
@@ -72,6 +73,97 @@ def test_shape_mismatch_is_refused(images):
         ssim_psnr(images[:2], images)
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):
         ssim_psnr(images[0], images[0])
+
+
+def wang_ssim(x: np.ndarray, y: np.ndarray, data_range: float = 1.0) -> float:
+    """Wang et al. 2004's SSIM of two (H, W) images written out: an explicit normalised 11x11 Gaussian window
+    (sigma 1.5), population covariances, the mean over the (H - 10, W - 10) positions where the window fits."""
+    t = np.arange(-5, 6)
+    window = np.outer(*2 * [np.exp(-t ** 2 / (2 * 1.5 ** 2))])
+    window /= window.sum()
+
+    def local_mean(a: np.ndarray) -> np.ndarray:
+        return correlate2d(a, window, mode="valid")
+
+    mx, my = local_mean(x), local_mean(y)
+    vx, vy, cxy = local_mean(x * x) - mx ** 2, local_mean(y * y) - my ** 2, local_mean(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return float((((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean())
+
+
+def noisy_pair(seed: int, noise: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(recon, target) (3, 40, 30): smooth image-like targets in [0, 1] and noisy copies that overshoot them."""
+    rng = np.random.default_rng(seed)
+    smooth = np.cumsum(np.cumsum(rng.normal(0, 1, (3, 40, 30)), 1), 2)
+    target = (smooth - smooth.min()) / (smooth.max() - smooth.min())
+    return target + rng.normal(0, noise, target.shape), target
+
+
+def test_gaussian_ssim_matches_a_direct_implementation():
+    recon, target = noisy_pair(4)
+    recon[0] = np.random.default_rng(4).uniform(0, 1, (40, 30))      # an unrelated pair
+    ssim = ssim_gaussian(recon, target)
+    expected = [wang_ssim(np.clip(r, 0, 1), t) for r, t in zip(recon, target)]  # recon clipped, as documented
+    assert ssim.shape == (3,) and ssim.dtype == np.float64
+    np.testing.assert_allclose(ssim, expected, rtol=0, atol=1e-10)
+    assert ssim[0] < 0.1 < 0.3 < ssim[1:].min() < ssim[1:].max() < 0.99
+    np.testing.assert_allclose(ssim_gaussian(target, target), 1.0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        ssim_gaussian(recon[:2], target)
+
+
+def test_the_two_ssim_conventions_are_different_numbers():
+    recon, target = noisy_pair(5, noise=0.05)
+    uniform, _ = ssim_psnr(recon, target)
+    gaussian = ssim_gaussian(recon, target)
+    assert (np.abs(gaussian - uniform) > 0.02).all(), (gaussian, uniform)
+
+
+def test_scan_means_groups_slices_by_case_and_week():
+    values = np.array([1.0, 2.0, 10.0, 3.0, 20.0, 7.0])
+    cases = np.array([41, 40, 40, 40, 40, 41])
+    weeks = np.array([2, 7, 5, 7, 5, 2])
+    scans, means = scan_means(values, cases, weeks)
+    assert scans == [(40, 5), (40, 7), (41, 2)] and all(isinstance(v, int) for scan in scans for v in scan)
+    np.testing.assert_allclose(means, [15.0, 2.5, 4.0])
+    with pytest.raises(ValueError, match=r"\(N,\)"):
+        scan_means(values, cases[:5], weeks)
+
+
+def test_bootstrap_interval_is_deterministic_and_brackets_the_mean():
+    values = np.random.default_rng(6).normal(0.9, 0.02, 20)
+    low, high = bootstrap_interval(values)
+    assert (low, high) == bootstrap_interval(values) == bootstrap_interval(values, seed=0)
+    assert bootstrap_interval(values, seed=1) != (low, high)
+    assert values.min() <= low < values.mean() < high <= values.max()
+    assert isinstance(low, float) and isinstance(high, float)
+    narrower = bootstrap_interval(values, level=0.5)
+    assert low < narrower[0] < narrower[1] < high
+    three = np.array([0.13682181687047085, 0.1015161589336859, 0.11395630317323756])  # 3 * v / 3 < v here
+    assert bootstrap_interval(three) == (three.min(), three.max())
+
+
+def test_bootstrap_interval_widens_with_the_spread():
+    values = np.random.default_rng(7).normal(0, 1, 8)
+    low, high = bootstrap_interval(values)
+    wide_low, wide_high = bootstrap_interval(3 * values)       # same resamples, three times the spread
+    assert wide_high - wide_low == pytest.approx(3 * (high - low), rel=1e-9) and high - low > 0
+
+
+def test_bootstrap_interval_of_one_and_of_two_values():
+    assert bootstrap_interval(np.array([0.93])) == (0.93, 0.93)
+    # Resample means of two values a < b are a, (a + b) / 2 or b with chances 1/4, 1/2, 1/4: the 2.5 % and 97.5 %
+    # quantiles are a and b.
+    assert bootstrap_interval(np.array([0.95, 0.91])) == (0.91, 0.95)
+
+
+@pytest.mark.parametrize("values, level, message", [
+    ([], 0.95, "non-empty"), ([[0.9, 0.8]], 0.95, "non-empty"), ([0.9], 0.0, r"level must lie in \(0, 1\)"),
+    ([0.9], 1.0, "level must lie"), ([0.9, 0.8], 95, "got 95"), ([0.9], float("nan"), "level must lie"),
+])
+def test_bootstrap_interval_refuses_bad_input(values, level, message):
+    with pytest.raises(ValueError, match=message):
+        bootstrap_interval(np.array(values), level=level)
 
 
 def test_foreground_ssim_ignores_the_background():

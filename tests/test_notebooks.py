@@ -1,6 +1,7 @@
 """Every notebook executed headlessly with papermill in smoke mode, on the tiny phantom."""
 
 import json
+import re
 
 import jupytext
 import matplotlib.image as mpimg
@@ -84,6 +85,12 @@ def test_notebook_writes_its_figures(executed, number):
         image = mpimg.imread(figs / name)
         assert image.shape[0] > 100 and image.shape[1] > 100, name
         assert image[..., :3].std() > 0.02, f"{name} is blank"
+
+
+@pytest.mark.parametrize("number", sorted(FIGURES))
+def test_notebook_reaches_its_claims_which_smoke_mode_only_counts(executed, number):
+    found = re.search(r"SMOKE mode: (\d+) claims of the text not checked", _text(executed[0][number]))
+    assert found and int(found.group(1)) >= 1
 
 
 def test_01_reports_what_the_data_holds(executed):

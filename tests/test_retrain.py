@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from vqvae_lib import retrain
+from vqvae_lib import phantom, readme, retrain, runner
 from vqvae_lib.checkpoint import load_checkpoint
 from vqvae_lib.prior import file_sha256
 
@@ -68,3 +68,29 @@ def test_nothing_is_written_when_a_run_fails(tiny_phantom, tmp_path):
     with pytest.raises(RuntimeError, match="seed_8x: .* failed with exit code 2"):
         retrain.build(tiny_phantom, tmp_path / "runs", tmp_path / "checkpoints", device="cpu", recipes=broken)
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_the_readme_block_is_made_from_the_manifest(built):
+    _, manifest = built
+    text = readme.checkpoints_markdown(manifest)
+    row = next(line for line in text.splitlines() if line.startswith("| `default_8x.pt` | 8x | 1 |"))
+    test = manifest["checkpoints"]["default_8x.pt"]["metrics"]["test"]
+    assert f"{test['ssim_mean']:.3f} ({test['ssim_min']:.3f}..{test['ssim_max']:.3f})" in row
+    assert f"| {test['active_codes']} / 512 ({test['perplexity']:.1f}) |" in row
+    assert f"`prior_8x.pt` (PixelCNN prior): validation NLL" in text and "`vae_8x.pt` (Gaussian VAE): test SSIM" in text
+    assert text.startswith("Test split: 60 slices, 1 scans of 1 patient.")
+
+
+def test_the_committed_checkpoints_are_the_manifests_on_the_phantom_the_code_writes(tmp_path):
+    """Drift: a checkpoint changed by hand, or a phantom.py that writes other data than the checkpoints were
+    trained on, fails here (the default phantom is written anew: about half a minute on 2 cores)."""
+    committed = runner.REPO / "checkpoints"
+    manifest = json.loads((committed / retrain.MANIFEST).read_text())
+    assert sorted(manifest["checkpoints"]) == sorted(p.name for p in committed.glob("*.pt")) == \
+        sorted(f"{r.name}.pt" for r in retrain.RECIPES)
+    for name, entry in manifest["checkpoints"].items():
+        assert entry["sha256"] == file_sha256(committed / name), f"{name} is not the file its manifest describes"
+    phantom.generate(tmp_path / "phantom", seed=0, size="small", workers=2, progress=False)
+    fingerprint = retrain.data_fingerprint(tmp_path / "phantom")
+    stale = [name for name, entry in manifest["checkpoints"].items() if entry["data_sha256"] != fingerprint]
+    assert not stale, f"{stale} were trained on other data than the current phantom.py writes: run make checkpoints"

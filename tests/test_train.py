@@ -14,7 +14,7 @@ from vqvae_lib import runs, train as T
 from vqvae_lib.checkpoint import CheckpointError, load_checkpoint, load_model
 from vqvae_lib.cli import main
 from vqvae_lib.data import load_split
-from vqvae_lib.metrics import CodeUsage, ssim_psnr
+from vqvae_lib.metrics import CodeUsage, ssim_gaussian, ssim_psnr
 from vqvae_lib.model import VQVAE
 
 TINY = dict(hidden=16, res_hidden=8, codebook_size=32, embed_dim=8)
@@ -269,16 +269,26 @@ def test_evaluate_equals_a_direct_computation(run3, tiny_phantom):
     split = load_split(tiny_phantom, "validate", progress=False)
     recon, indices = T.reconstruct(model, split.images, 64, "cpu", amp=True)  # the run trained with bf16
     ssim, psnr = ssim_psnr(recon, np.asarray(split.images))
+    gaussian = ssim_gaussian(recon, np.asarray(split.images))
     usage = CodeUsage(32)
     usage.update(indices)
     np.testing.assert_array_equal(result["ssim"], ssim)
+    np.testing.assert_array_equal(result["ssim_gaussian"], gaussian)
     np.testing.assert_array_equal(result["psnr"], psnr)
     np.testing.assert_array_equal(result["code_counts"], usage.counts)
+    (case, week), = {(f.case, f.week) for f in split.files}                # the tiny phantom: one validation scan
+    assert result["scans"] == [{"case": case, "week": week, "n_slices": 60, "ssim": ssim.mean(),
+                                "ssim_gaussian": gaussian.mean(), "psnr": psnr.mean()}]
     s = result["summary"]
     assert s == {"n_slices": 60, "ssim_mean": ssim.mean(), "ssim_min": ssim.min(), "ssim_max": ssim.max(),
                  "psnr_mean": psnr.mean(), "psnr_min": psnr.min(), "psnr_max": psnr.max(),
                  "active_codes": usage.active, "perplexity": usage.perplexity, "codebook_size": 32,
-                 "epoch": payload["epoch"]}
+                 "epoch": payload["epoch"], "ssim_gaussian_mean": gaussian.mean(),
+                 "ssim_gaussian_min": gaussian.min(), "ssim_gaussian_max": gaussian.max(), "n_scans": 1,
+                 "n_patients": 1, "scan_ssim_mean": ssim.mean(), "scan_ssim_ci95": [ssim.mean()] * 2,
+                 "scan_ssim_gaussian_mean": gaussian.mean(), "scan_ssim_gaussian_ci95": [gaussian.mean()] * 2,
+                 "scan_psnr_mean": psnr.mean(), "scan_psnr_ci95": [psnr.mean()] * 2}
+    assert all(type(v) in (int, float) or type(v) is list and {type(x) for x in v} == {float} for v in s.values())
     assert result["names"] == [f.name for f in split.files] and len(result["cases"]) == len(result["weeks"]) == 60
     # The validation scores logged during training, from the (channels_last) training model.
     best = history[payload["epoch"] - 1]
@@ -316,6 +326,15 @@ def test_cli_train_and_evaluate(tiny_phantom, tmp_path, capsys):
     assert 1 <= summary["perplexity"] <= summary["active_codes"] <= summary["codebook_size"] == 512
     assert slices[0]["name"] == f"case_{slices[0]['case']:03d}_week_{slices[0]['week']}_slice_{slices[0]['slice']}"
     assert f"SSIM  mean {ssim.mean():.4f}" in text and f"{summary['active_codes']}/512 active" in text
+    gaussian = np.array([s["ssim_gaussian"] for s in slices])
+    assert summary["ssim_gaussian_mean"] == gaussian.mean() and summary["n_scans"] == summary["n_patients"] == 1
+    assert written["scans"] == [{"case": 40, "week": slices[0]["week"], "n_slices": 60, "ssim": ssim.mean(),
+                                 "ssim_gaussian": gaussian.mean(), "psnr": psnr.mean()}]
+    assert f"  SSIM  mean {ssim.mean():.4f}  min {ssim.min():.4f}  max {ssim.max():.4f}   (scikit-image default" in text
+    assert (f"  SSIM  mean {gaussian.mean():.4f}  min {gaussian.min():.4f}  max {gaussian.max():.4f}   "
+            f"(Wang et al.") in text
+    assert (f"  per scan: 1 scan of 1 patient; SSIM {ssim.mean():.4f}, Gaussian SSIM {gaussian.mean():.4f}, PSNR "
+            f"{psnr.mean():.2f} dB (a single scan: no interval over scans can be given)\n") in text
 
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data-dir", str(tiny_phantom)]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -57,11 +57,15 @@ def _notebooks(args: argparse.Namespace) -> int:
 
 
 def _checkpoints(args: argparse.Namespace) -> int:
-    from . import retrain, runner, tasks
+    from . import readme, retrain, runner, tasks
     data_dir = args.data_dir.resolve() if args.data_dir else tasks.DEFAULT_PHANTOM
     tasks.ensure_phantom(data_dir)
-    retrain.build(data_dir, (args.runs or runner.in_repo("build/checkpoints")).resolve(),
-                  (args.out or runner.in_repo("checkpoints")).resolve(), device=args.device)
+    out = (args.out or runner.in_repo("checkpoints")).resolve()
+    manifest = retrain.build(data_dir, (args.runs or runner.in_repo("build/checkpoints")).resolve(), out,
+                             device=args.device)
+    if out == runner.in_repo("checkpoints").resolve():
+        readme.write_block("checkpoints", readme.checkpoints_markdown(manifest))
+        print(f"updated the checkpoints' results in {readme.README}")
     return 0
 
 
@@ -323,21 +327,41 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_scan(s: dict[str, Any]) -> str:
+    """An evaluation summary's per-scan means, with their bootstrap intervals over scans, in one line."""
+    n, patients = s["n_scans"], s["n_patients"]
+    parts = []
+    for label, name, digits, unit in (("SSIM", "ssim", 4, ""), ("Gaussian SSIM", "ssim_gaussian", 4, ""),
+                                      ("PSNR", "psnr", 2, " dB")):
+        parts.append(f"{label} {s[f'scan_{name}_mean']:.{digits}f}{unit}")
+        if n > 1:
+            low, high = s[f"scan_{name}_ci95"]
+            what = "95 % bootstrap interval over scans " if name == "ssim" else ""
+            parts[-1] += f" ({what}{low:.{digits}f}..{high:.{digits}f})"
+    note = "" if n > 1 else " (a single scan: no interval over scans can be given)"
+    return f"{n} scan{'s' * (n != 1)} of {patients} patient{'s' * (patients != 1)}; {', '.join(parts)}{note}"
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     result = train.evaluate(args.checkpoint, args.data_dir, args.split, batch_size=args.batch_size,
                             device=args.device, data_options=_data_options(args))
     s = result["summary"]
     print(f"{args.checkpoint} (epoch {s['epoch']}) on {args.split}, {s['n_slices']} slices:")
-    print(f"  SSIM  mean {s['ssim_mean']:.4f}  min {s['ssim_min']:.4f}  max {s['ssim_max']:.4f}")
+    print(f"  SSIM  mean {s['ssim_mean']:.4f}  min {s['ssim_min']:.4f}  max {s['ssim_max']:.4f}   "
+          f"(scikit-image default: 7x7 uniform window)")
+    print(f"  SSIM  mean {s['ssim_gaussian_mean']:.4f}  min {s['ssim_gaussian_min']:.4f}  "
+          f"max {s['ssim_gaussian_max']:.4f}   (Wang et al. 2004: 11x11 Gaussian, sigma 1.5; MONAI, most papers)")
     print(f"  PSNR  mean {s['psnr_mean']:.2f}  min {s['psnr_min']:.2f}  max {s['psnr_max']:.2f} dB")
+    print(f"  per scan: {_per_scan(s)}")
     print(f"  codes {s['active_codes']}/{s['codebook_size']} active, perplexity {s['perplexity']:.1f}")
     if args.json:
         slices = [{"name": name, "case": int(case), "week": int(week), "slice": int(index), "ssim": float(ssim),
-                   "psnr": float(psnr)} for name, case, week, index, ssim, psnr in
+                   "ssim_gaussian": float(ssim_g), "psnr": float(psnr)}
+                  for name, case, week, index, ssim, ssim_g, psnr in
                   zip(result["names"], result["cases"], result["weeks"], result["slices"], result["ssim"],
-                      result["psnr"])]
+                      result["ssim_gaussian"], result["psnr"])]
         save_json(args.json, {"checkpoint": result["checkpoint"], "split": args.split, "summary": s,
-                              "slices": slices})
+                              "scans": result["scans"], "slices": slices})
         print(f"results written to {args.json}")
     return 0
 

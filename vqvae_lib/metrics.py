@@ -1,8 +1,11 @@
 """Reconstruction quality (SSIM, PSNR) and codebook usage.
 
-Images are (N, H, W) arrays in [0, 1], so both metrics use data_range 1. Codebook usage is always measured over
-a whole split (`CodeUsage`), never per batch: a batch of 32 slices can use few codes even when the split uses
-many, and a per-batch perplexity would understate it.
+Images are (N, H, W) arrays in [0, 1], so both metrics use data_range 1. SSIM comes in two conventions:
+skimage's default (`ssim_psnr`, 7x7 uniform window) and Wang et al. 2004's (`ssim_gaussian`, 11x11 Gaussian).
+Slices of one scan are strongly correlated, so intervals are taken over per-scan means (`scan_means`,
+`bootstrap_interval`), never over slices. Codebook usage is always measured over a whole split (`CodeUsage`),
+never per batch: a batch of 32 slices can use few codes even when the split uses many, and a per-batch perplexity
+would understate it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,58 @@ def ssim_psnr(recon: np.ndarray, target: np.ndarray, data_range: float = 1.0) ->
     with np.errstate(divide="ignore"):
         psnr = np.array([peak_signal_noise_ratio(t, r, data_range=data_range) for r, t in zip(recon, target)])
     return ssim, psnr
+
+
+def ssim_gaussian(recon: np.ndarray, target: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+    """Per-image SSIM in the convention of Wang et al. 2004, used by MONAI and most papers.
+
+    recon, target: (N, H, W), images in [0, 1]; recon is clipped to [0, 1] first, as in `ssim_psnr`. An 11x11
+    Gaussian window with sigma 1.5 (skimage truncates it at 3.5 sigma: radius int(3.5 * 1.5 + 0.5) = 5),
+    population covariances, K1 = 0.01, K2 = 0.03, and the mean of the SSIM map over the positions where the
+    whole window fits (skimage crops 5 pixels from each border). Not the same number as `ssim_psnr`'s 7x7
+    uniform-window SSIM: compare a score only with one of the same convention. Returns (N,) float64.
+    """
+    recon, target = _check_pair(recon, target)
+    return np.array([structural_similarity(t, r, data_range=data_range, gaussian_weights=True, sigma=1.5,
+                                           use_sample_covariance=False, K1=0.01, K2=0.03)
+                     for r, t in zip(recon, target)])
+
+
+def scan_means(values: np.ndarray, cases: np.ndarray, weeks: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Mean of per-slice values per scan: values, cases, weeks (N,) -> (the sorted (case, week) scans (S),
+    the mean of `values` over each scan's slices (S,) float64)."""
+    values, cases, weeks = np.asarray(values, dtype=np.float64), np.asarray(cases), np.asarray(weeks)
+    if values.ndim != 1 or cases.shape != values.shape or weeks.shape != values.shape:
+        raise ValueError(f"values, cases and weeks must all be (N,); got {values.shape}, {cases.shape} and "
+                         f"{weeks.shape}")
+    scans = sorted({(int(c), int(w)) for c, w in zip(cases, weeks)})
+    return scans, np.array([values[(cases == c) & (weeks == w)].mean() for c, w in scans], dtype=np.float64)
+
+
+def bootstrap_interval(values: np.ndarray, level: float = 0.95, n_boot: int = 10_000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of values (S,), e.g. per-scan means (slices of one scan are
+    correlated, so resample scans, not slices).
+
+    Draws n_boot resamples of the S values with replacement (a numpy Generator seeded with `seed`, so the
+    result is deterministic) and returns the (1 - level) / 2 and (1 + level) / 2 quantiles of their means.
+    With one value it returns (value, value). With few values it is no more than their spread: for two values
+    a < b it is (a, b).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"bootstrap_interval needs a non-empty (S,) array of values, got shape {values.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if values.size == 1:
+        return float(values[0]), float(values[0])
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (n_boot, values.size))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    # The mean of k copies of v can round to one ulp outside [min, max]; the interval cannot.
+    return float(max(low, values.min())), float(min(high, values.max()))
 
 
 def ssim_torch(recon: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, win_size: int = 7) -> torch.Tensor:

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from . import __version__, runner, train
+from . import __version__, data, metrics, runner, train, vae
 from .checkpoint import load_checkpoint
 from .fileio import atomic_write, save_json
 from .prior import file_sha256
@@ -81,14 +82,44 @@ def _copy(source: Path, f: Any) -> None:
         shutil.copyfileobj(src, f)
 
 
+def _test_scores(recon: np.ndarray, images: np.ndarray) -> dict[str, float]:
+    ssim, psnr = metrics.ssim_psnr(recon, images)
+    return {"ssim_mean": float(ssim.mean()), "ssim_min": float(ssim.min()), "ssim_max": float(ssim.max()),
+            "ssim_gaussian_mean": float(metrics.ssim_gaussian(recon, images).mean()),
+            "psnr_mean": float(psnr.mean())}
+
+
 def _headline(best: Path, data_dir: Path, device: str) -> dict[str, Any]:
-    """What the README and notebooks quote of a checkpoint: test scores of a VQ-VAE, validation of the others."""
+    """What the README and notebooks quote of a checkpoint: test scores of a VQ-VAE or VAE (`evaluate` for a
+    VQ-VAE), its best validation epoch's record, and for a VQ-VAE its grid."""
     payload = load_checkpoint(best)
     record = max(payload["history"], key=lambda r: -r["val_nll"] if "val_nll" in r else r["val_ssim"])
+    out: dict[str, Any] = {"epochs": len(payload["history"]), "best_validation_epoch": record}
+    speeds = [r["images_per_s"] for r in payload["history"] if "images_per_s" in r]
+    if speeds:
+        out["images_per_s_median"] = float(np.median(speeds))
     if payload["kind"] == "vqvae":
-        return {"test": train.evaluate(best, data_dir, "test", device=device, progress=False)["summary"],
-                "best_validation_epoch": record}
-    return {"best_validation_epoch": record}
+        out["test"] = train.evaluate(best, data_dir, "test", device=device, progress=False)["summary"]
+        out["downsample"] = payload["model_config"]["downsample"]
+    elif payload["kind"] == "vae":
+        dev = train.select_device(device)
+        model, _ = vae.load_vae(best, map_location=dev)
+        images = np.asarray(data.load_split(data_dir, "test", progress=False).images)
+        recon, _ = vae.reconstruct(model, images, amp=train.checkpoint_precision(payload, dev))
+        out["test"] = _test_scores(recon, images)
+    return out
+
+
+def _baseline(data_dir: Path) -> dict[str, float]:
+    """Test scores of predicting the mean training slice for every test slice."""
+    images = np.asarray(data.load_split(data_dir, "test", progress=False).images)
+    mean_image = np.asarray(data.load_split(data_dir, "train", progress=False).images).mean(0)
+    return _test_scores(np.broadcast_to(mean_image, images.shape), images)
+
+
+def _shown(path: Path) -> str:
+    """A path as the manifest shows it: relative to the repository when inside it (the commands run from there)."""
+    return Path(os.path.relpath(path, runner.REPO)).as_posix() if runner.REPO in path.parents else str(path)
 
 
 def build(data_dir: str | Path, runs: str | Path, out: str | Path, *, device: str = "auto",
@@ -100,6 +131,7 @@ def build(data_dir: str | Path, runs: str | Path, out: str | Path, *, device: st
     if not out.is_dir():
         raise FileNotFoundError(f"checkpoint folder {out} does not exist")
     folders = {r.name: runs / r.name for r in recipes}
+    revision = code_revision()  # of the code this process runs, whatever the tree holds by its end
     entries = {}
     for i, recipe in enumerate(recipes, 1):
         words = [w.format(**{k: str(v) for k, v in folders.items()}) for w in recipe.command]
@@ -115,12 +147,14 @@ def build(data_dir: str | Path, runs: str | Path, out: str | Path, *, device: st
         if code:
             raise RuntimeError(f"{recipe.name}: `hipmri-vqvae {' '.join(command)}` failed with exit code {code}")
         history = load_checkpoint(folders[recipe.name] / "last.pt")["history"]
-        entries[recipe.name] = {"command": f"hipmri-vqvae {' '.join(command)}",
+        shown = [_shown(Path(w)) if Path(w).is_absolute() else w for w in command]
+        entries[recipe.name] = {"command": f"hipmri-vqvae {' '.join(shown)}",
                                 "train_seconds": round(sum(r["seconds"] for r in history), 1),
                                 "this_call_seconds": round(time.perf_counter() - started, 1)}
-    fingerprint, revision, machine = data_fingerprint(data_dir), code_revision(), _machine(device)
-    manifest = {"command": "make checkpoints", "data_dir": str(data_dir), "data_sha256": fingerprint,
-                "code_revision": revision, "machine": machine, "checkpoints": {}}
+    fingerprint, machine = data_fingerprint(data_dir), _machine(device)
+    manifest = {"command": "make checkpoints", "data_dir": _shown(data_dir), "data_sha256": fingerprint,
+                "code_revision": revision, "machine": machine, "baselines": {"mean_image": _baseline(data_dir)},
+                "checkpoints": {}}
     for recipe in recipes:
         best = folders[recipe.name] / "best.pt"
         target = out / f"{recipe.name}.pt"
@@ -131,3 +165,4 @@ def build(data_dir: str | Path, runs: str | Path, out: str | Path, *, device: st
     save_json(out / MANIFEST, manifest)
     print(f"wrote {len(recipes)} checkpoints and {out / MANIFEST}")
     return manifest
+

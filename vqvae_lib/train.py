@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import distributed, runs
 from .checkpoint import load_model
 from .data import load_split
-from .metrics import CodeUsage, ssim_psnr, ssim_torch
+from .metrics import CodeUsage, bootstrap_interval, scan_means, ssim_gaussian, ssim_psnr, ssim_torch
 from .model import VQVAE, ModelConfig
 from .quantizer import VectorQuantizer
 
@@ -528,8 +528,14 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     (`checkpoint_precision`; so "validate" reproduces its val_ssim).
     data_options: `load_split` options (`runs.DATA_OPTIONS`).
     Returns {"checkpoint", "split", "epoch", "names" (N,), "cases" (N,), "weeks" (N,), "slices" (N,),
-    "ssim" (N,), "psnr" (N,), "code_counts" (K,), "summary": {"n_slices", "ssim_mean", "ssim_min", "ssim_max",
-    "psnr_mean", "psnr_min", "psnr_max", "active_codes", "perplexity", "codebook_size", "epoch"}}.
+    "ssim" (N,) (skimage's default: 7x7 uniform window), "ssim_gaussian" (N,) (Wang et al. 2004: 11x11 Gaussian),
+    "psnr" (N,), "code_counts" (K,), "scans": [{"case", "week", "n_slices", "ssim", "ssim_gaussian", "psnr"}]
+    (S per-scan means, sorted by case and week), "summary": {"n_slices", "ssim_mean", "ssim_min", "ssim_max",
+    "psnr_mean", "psnr_min", "psnr_max", "active_codes", "perplexity", "codebook_size", "epoch",
+    "ssim_gaussian_mean", "ssim_gaussian_min", "ssim_gaussian_max", "n_scans", "n_patients", "scan_ssim_mean",
+    "scan_ssim_ci95", "scan_psnr_mean", "scan_psnr_ci95", "scan_ssim_gaussian_mean", "scan_ssim_gaussian_ci95"}}.
+    The slices of one scan are strongly correlated, so the scan_* means are means of the per-scan means and their
+    ci95 [low, high] a 95 % percentile bootstrap over scans (`bootstrap_interval`; [mean, mean] for one scan).
     """
     dev = select_device(device)
     model, payload = load_model(checkpoint, map_location=dev)
@@ -537,13 +543,27 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
         amp = checkpoint_precision(payload, dev)
     data = load_split(data_dir, split, progress=progress, **runs.data_options(data_options))
     recon, indices = reconstruct(model, data.images, batch_size, dev, amp=amp, progress=progress)
-    ssim, psnr = ssim_psnr(recon, np.asarray(data.images))
+    images, cases, weeks = np.asarray(data.images), data.cases, data.weeks
+    ssim, psnr = ssim_psnr(recon, images)
+    ssim_g = ssim_gaussian(recon, images)
     usage = CodeUsage(model.config.codebook_size)
     usage.update(indices)
     summary = {"n_slices": len(data), "ssim_mean": float(ssim.mean()), "ssim_min": float(ssim.min()),
                "ssim_max": float(ssim.max()), "psnr_mean": float(psnr.mean()), "psnr_min": float(psnr.min()),
                "psnr_max": float(psnr.max()), "active_codes": usage.active, "perplexity": usage.perplexity,
-               "codebook_size": model.config.codebook_size, "epoch": int(payload["epoch"])}
+               "codebook_size": model.config.codebook_size, "epoch": int(payload["epoch"]),
+               "ssim_gaussian_mean": float(ssim_g.mean()), "ssim_gaussian_min": float(ssim_g.min()),
+               "ssim_gaussian_max": float(ssim_g.max())}
+    scans = [{"case": case, "week": week, "n_slices": int(((cases == case) & (weeks == week)).sum())}
+             for case, week in scan_means(ssim, cases, weeks)[0]]
+    summary.update(n_scans=len(scans), n_patients=len({scan["case"] for scan in scans}))
+    for name, values in (("ssim", ssim), ("ssim_gaussian", ssim_g), ("psnr", psnr)):
+        means = scan_means(values, cases, weeks)[1]
+        for scan, mean in zip(scans, means):
+            scan[name] = float(mean)
+        summary[f"scan_{name}_mean"] = float(means.mean())
+        summary[f"scan_{name}_ci95"] = list(bootstrap_interval(means))
     return {"checkpoint": str(checkpoint), "split": split, "epoch": int(payload["epoch"]),
-            "names": [f.name for f in data.files], "cases": data.cases, "weeks": data.weeks, "slices": data.indices,
-            "ssim": ssim, "psnr": psnr, "code_counts": usage.counts, "summary": summary}
+            "names": [f.name for f in data.files], "cases": cases, "weeks": weeks, "slices": data.indices,
+            "ssim": ssim, "ssim_gaussian": ssim_g, "psnr": psnr, "code_counts": usage.counts, "scans": scans,
+            "summary": summary}

@@ -1,0 +1,131 @@
+"""The README's generated blocks: numbers a command measured, written between markers so that they cannot drift.
+
+`make checkpoints` writes the "checkpoints" block from checkpoints/MANIFEST.json; `make figures` writes the
+"generation" block from the results notebooks 06 and 07 save (figures/06_results.json, figures/07_results.json).
+`tests/test_readme.py` checks that the README holds exactly what those files give.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .fileio import atomic_write, save_json
+from .runner import REPO
+
+README = REPO / "README.md"
+SOURCES = {"checkpoints": "`make checkpoints` from checkpoints/MANIFEST.json",
+           "generation": "`make figures` from figures/06_results.json and figures/07_results.json"}
+
+
+def markers(block: str) -> tuple[str, str]:
+    """The comment lines that open and close `block` in the README."""
+    return f"<!-- {block}: written by {SOURCES[block]}; do not edit by hand -->", f"<!-- end of {block} -->"
+
+
+def read_block(block: str, readme: Path = README) -> str:
+    """The text between the markers of `block` (ValueError naming the README when they are not there once)."""
+    begin, end = markers(block)
+    text = readme.read_text(encoding="utf-8")
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"{readme} must hold the markers of its {block} block once each: {begin!r} ... {end!r}")
+    return text.split(begin)[1].split(end)[0].removeprefix("\n")
+
+
+def write_block(block: str, body: str, readme: Path = README) -> None:
+    """Replace the text between the markers of `block` with `body`."""
+    old = read_block(block, readme)
+    begin, _ = markers(block)
+    text = readme.read_text(encoding="utf-8").replace(f"{begin}\n{old}", f"{begin}\n{body}", 1)
+    atomic_write(readme, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_results(path: str | Path, values: dict[str, Any]) -> None:
+    """Write a notebook's headline numbers (plain floats and ints) for the README's generation block."""
+    save_json(path, {key: int(v) if isinstance(v, (int, np.integer)) else float(v) for key, v in values.items()})
+
+
+def checkpoints_markdown(manifest: dict[str, Any]) -> str:
+    """The `checkpoints` block: the committed checkpoints' headline metrics, from their manifest."""
+    entries, base = manifest["checkpoints"], manifest["baselines"]["mean_image"]
+    rows = ["| checkpoint | grid | epochs | test SSIM, mean of slices (min..max) | mean of scans [95 % interval] "
+            "| Gaussian SSIM | PSNR (dB) | codes used (perplexity) | validation SSIM (best epoch) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in entries.items():
+        m = entry["metrics"]
+        if "downsample" not in m:
+            continue
+        t, v, d = m["test"], m["best_validation_epoch"], m["downsample"]
+        low, high = t["scan_ssim_ci95"]
+        rows.append(f"| `{name}` | {d}x | {m['epochs']} | {t['ssim_mean']:.3f} ({t['ssim_min']:.3f}..{t['ssim_max']:.3f}) "
+                    f"| {t['scan_ssim_mean']:.3f} [{low:.3f}, {high:.3f}] | {t['ssim_gaussian_mean']:.3f} "
+                    f"| {t['psnr_mean']:.2f} | {t['active_codes']} / {t['codebook_size']} ({t['perplexity']:.1f}) "
+                    f"| {v['val_ssim']:.3f} (epoch {v['epoch']}) |")
+    rows.append(f"| mean training image (baseline) | | | {base['ssim_mean']:.3f} ({base['ssim_min']:.3f}.."
+                f"{base['ssim_max']:.3f}) | | {base['ssim_gaussian_mean']:.3f} | {base['psnr_mean']:.2f} | | |")
+    first = next(iter(entries.values()))["metrics"].get("test", {})
+    lines = ["Test split: " + (f"{first['n_slices']} slices, {first['n_scans']} scans of {first['n_patients']} "
+                               "patient" + "s" * (first["n_patients"] != 1) + "." if "n_scans" in first else ""),
+             "", *rows, ""]
+    for name, entry in entries.items():
+        m = entry["metrics"]
+        if "val_nll" in m["best_validation_epoch"]:
+            v = m["best_validation_epoch"]
+            lines.append(f"- `{name}` (PixelCNN prior): validation NLL {v['val_bits']:.2f} bits per latent "
+                         f"({v['val_nll']:.3f} nats), best at epoch {v['epoch']} of {m['epochs']}.")
+        elif "downsample" not in m:
+            t = m["test"]
+            lines.append(f"- `{name}` (Gaussian VAE): test SSIM {t['ssim_mean']:.3f} ({t['ssim_min']:.3f}.."
+                         f"{t['ssim_max']:.3f}), Gaussian SSIM {t['ssim_gaussian_mean']:.3f}, PSNR "
+                         f"{t['psnr_mean']:.2f} dB; {m['epochs']} epochs.")
+    speeds = {name[:-3]: e["metrics"]["images_per_s_median"] for name, e in entries.items()
+              if "images_per_s_median" in e["metrics"]}
+    if speeds:
+        lines.append("- Training speed (median images/s over the epochs): "
+                     + ", ".join(f"{name} {v:.0f}" for name, v in speeds.items()) + ".")
+    machine = manifest["machine"]
+    minutes = sum(e["train_seconds"] for e in entries.values()) / 60
+    lines.append(f"- Trained by `{manifest['command']}` at code revision `{manifest['code_revision'][:12]}` on "
+                 f"{machine['cpus']} CPUs ({machine['device']}, torch {machine['torch']}): "
+                 + ", ".join(f"{name[:-3]} {e['train_seconds'] / 60:.1f}" for name, e in entries.items())
+                 + f" min of training, {minutes:.0f} min in all.")
+    return "\n".join(lines) + "\n"
+
+
+
+def generation_markdown(prior: dict[str, Any], vae: dict[str, Any]) -> str:
+    """The `generation` block: the numbers of notebooks 06 (`prior`) and 07 (`vae`), as they saved them."""
+    n = prior["n_samples"]
+    rows = [
+        "| | value |", "|---|---|",
+        f"| prior, best validation NLL (bits per latent) | {prior['prior_bits']:.2f} (epoch {prior['prior_epoch']}); "
+        f"uniform guess {prior['uniform_bits']:.2f}, code frequencies alone {prior['unigram_bits']:.2f} |",
+        f"| SSIM of a sample to its nearest training slice, mean (max) | {prior['sample_nn_mean']:.3f} "
+        f"({prior['sample_nn_max']:.3f}); real test slices {prior['test_nn_mean']:.3f} ({prior['test_nn_max']:.3f}); "
+        f"a reconstruction {prior['recon_ssim']:.3f} |",
+        f"| samples with all four statistics in the range of the VQ-VAE's reconstructions of training slices | "
+        f"{100 * prior['in_range_recon']:.0f} % ({round(prior['in_range_recon'] * n)} of {n}) |",
+        f"| same, in the range of the real training slices | {100 * prior['in_range_real']:.0f} % (the "
+        f"reconstructions themselves: {100 * prior['recon_in_range_real']:.0f} %) |",
+        f"| test SSIM / PSNR, VQ-VAE (`default_8x.pt`) vs VAE (`vae_8x.pt`), 15 epochs each | "
+        f"{vae['vq_ssim']:.3f} / {vae['vq_psnr']:.2f} dB vs {vae['vae_ssim']:.3f} / {vae['vae_psnr']:.2f} dB |",
+        f"| high-frequency share (power above 0.25 cycles/pixel): real test slices, VQ-VAE recon, VAE recon | "
+        f"{vae['hf_real']:.4f}, {vae['hf_vq_recon']:.4f}, {vae['hf_vae_recon']:.4f} |",
+        f"| same for samples: VQ-VAE + prior, VAE | {vae['hf_vq_samples']:.4f}, {vae['hf_vae_samples']:.4f} |",
+        f"| samples with all four statistics in range, against real slices / the model's own reconstructions: "
+        f"VQ-VAE + prior; VAE | {100 * vae['vq_in_range_real']:.0f} % / {100 * vae['vq_in_range_own']:.0f} %; "
+        f"{100 * vae['vae_in_range_real']:.0f} % / {100 * vae['vae_in_range_own']:.0f} % |",
+    ]
+    return "\n".join(rows) + "\n"
+
+
+def expected_block(block: str, repo: Path = REPO) -> str:
+    """What `block` must hold, from the files its command wrote."""
+    if block == "checkpoints":
+        return checkpoints_markdown(json.loads((repo / "checkpoints" / "MANIFEST.json").read_text()))
+    figures = repo / "figures"
+    return generation_markdown(json.loads((figures / "06_results.json").read_text()),
+                               json.loads((figures / "07_results.json").read_text()))
