@@ -122,8 +122,9 @@ viz.curves({
 }, FIGS / "07_vae_curves.png", ncols=4);
 print(f"{vae_path}: {curve[-1]['val_active']} of {gauss.config.embed_dim} latent channels carry information "
       f"(mean KL above {vae.ACTIVE_KL} nats per position)")
-claims(len(curve) == len(vq_payload["history"]) == 15, "both models trained 15 epochs",
-       f"VAE {len(curve)}, VQ-VAE {len(vq_payload['history'])}")
+claims(vae_payload["train_config"]["epochs"] == vq_payload["train_config"]["epochs"] == 15,
+       "both models trained 15 epochs", f"VAE {vae_payload['train_config']['epochs']}, VQ-VAE "
+       f"{vq_payload['train_config']['epochs']}")
 
 # %% [markdown]
 # ## 2. Reconstructions

@@ -73,7 +73,7 @@ def test_nothing_is_written_when_a_run_fails(tiny_phantom, tmp_path):
 def test_the_readme_block_is_made_from_the_manifest(built):
     _, manifest = built
     text = readme.checkpoints_markdown(manifest)
-    row = next(line for line in text.splitlines() if line.startswith("| `default_8x.pt` | 8x | 1 |"))
+    row = next(line for line in text.splitlines() if line.startswith("| `default_8x.pt` | 8x | 1 (1) |"))
     test = manifest["checkpoints"]["default_8x.pt"]["metrics"]["test"]
     assert f"{test['ssim_mean']:.3f} ({test['ssim_min']:.3f}..{test['ssim_max']:.3f})" in row
     assert f"| {test['active_codes']} / 512 ({test['perplexity']:.1f}) |" in row
