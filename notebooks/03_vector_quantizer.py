@@ -28,7 +28,8 @@
 #
 # **Prerequisites:** notebook 02; k-means helps.
 #
-# **Expected run time:** about a minute on a 2-core CPU (the collapse experiment on slices); no GPU needed.
+# **Expected run time:** about 75 s on a 2-core CPU (measured by `make figures`; most of it the collapse experiment on
+# slices); no GPU needed.
 
 # %% tags=["parameters"]
 SMOKE = False  # fast settings for the tests

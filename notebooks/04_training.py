@@ -24,10 +24,10 @@
 #
 # **Prerequisites:** notebooks 02 and 03.
 #
-# **Expected run time:** on a CPU the notebook trains a short demonstration run (about a minute on 2 cores)
-# and shows the curves of the committed checkpoint `checkpoints/default.pt`, trained with the command in
-# the README (30 epochs, about 21 minutes on 2 CPU cores). With a GPU it runs those 30 epochs itself
-# (GPU timings are not measured yet).
+# **Expected run time:** about 2 minutes on a 2-core CPU (measured by `make figures`): a short demonstration
+# run (6 epochs of 480 slices) and the curves of the committed checkpoint `checkpoints/default.pt`, made by
+# `make checkpoints` (30 epochs, about 24 minutes on 2 CPU cores; `checkpoints/MANIFEST.json` records the
+# time). With a GPU it runs those 30 epochs itself (GPU timings are not measured yet).
 
 # %% tags=["parameters"]
 SMOKE = False  # fast settings for the tests

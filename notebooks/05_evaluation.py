@@ -26,7 +26,7 @@
 #
 # **Prerequisites:** notebook 04 (or just the committed checkpoints in `checkpoints/`).
 #
-# **Expected run time:** about 30 s on a 2-core CPU; a GPU is used when present.
+# **Expected run time:** about 35 s on a 2-core CPU (measured by `make figures`); a GPU is used when present.
 
 # %% tags=["parameters"]
 SMOKE = False  # fast settings for the tests
@@ -116,8 +116,8 @@ viz.distributions({"SSIM": {n: r["ssim"] for n, r in results.items()},
 
 # %% [markdown]
 # Every model beats the mean image, and scores lower inside the body than over the whole slice: the black
-# background is the easy part. Even the seed recipe's collapsed codebook (a few dozen codes, section 4) beats
-# the baseline clearly: a handful of codes still places the body outline and the bright organs of each slice,
+# background is the easy part. Even the seed recipe's collapsed codebook (a handful of its 512 codes in use,
+# section 4) beats the baseline clearly: a handful of codes still places the body outline and the bright organs of each slice,
 # where the mean image blurs every patient and position into one.
 
 # %%
@@ -127,7 +127,7 @@ claims(all(r["summary"]["ssim_mean"] > baseline_ssim.mean() and foreground[n].me
        "every model beats the mean image, and scores lower inside the body than over the whole slice",
        ", ".join(f"{n} {r['summary']['ssim_mean']:.3f} (body {foreground[n].mean():.3f})" for n, r in results.items())
        + f", mean image {baseline_ssim.mean():.3f}")
-claims(seed_summary["active_codes"] < 0.1 * seed_summary["codebook_size"]
+claims(seed_summary["active_codes"] < 0.05 * seed_summary["codebook_size"]
        and seed_summary["ssim_mean"] > baseline_ssim.mean() + 0.1,
        "the seed recipe's collapsed codebook still beats the mean image clearly",
        f"{seed_summary['active_codes']} codes, SSIM {seed_summary['ssim_mean']:.3f} against {baseline_ssim.mean():.3f}")
@@ -137,13 +137,13 @@ claims(seed_summary["active_codes"] < 0.1 * seed_summary["codebook_size"]
 #
 # The slices of one scan are not independent measurements: they are neighbouring planes of one volume, of one
 # patient. So `evaluate` also averages per scan and gives a 95 % bootstrap interval over scans (resampling whole
-# scans with replacement), never over slices. Below, for each model: its per-scan means, that interval, the
-# interval a naive bootstrap over the 120 slices would give, and its SSIM on the validation patient (the epoch
-# `best.pt` was chosen at).
+# scans with replacement). Below, for each model: its per-scan means, that interval, the interval a naive
+# bootstrap over the 120 slices would give (as if every slice were an independent patient), and its SSIM on the
+# validation patient (at the epoch `best.pt` was chosen at).
 
 # %%
 default = results["default"]
-best_val = {}
+best_val, naive = {}, {}
 for name, path in models.items():
     payload = checkpoint.load_checkpoint(path)
     best_val[name] = payload["history"][payload["epoch"] - 1]["val_ssim"]
@@ -152,8 +152,9 @@ for name, r in results.items():
     per_scan_text = ", ".join(f"case {x['case']:03d} week {x['week']} {x['ssim']:.4f}" for x in r["scans"])
     low, high = s["scan_ssim_ci95"]
     naive_low, naive_high = metrics.bootstrap_interval(r["ssim"])
+    naive[name] = (naive_low, naive_high)
     print(f"{name}: {per_scan_text}\n    mean of scans {s['scan_ssim_mean']:.4f}, interval over scans "
-          f"{low:.4f}..{high:.4f} (over slices, wrongly: {naive_low:.4f}..{naive_high:.4f}); PSNR "
+          f"{low:.4f}..{high:.4f} (over slices: {naive_low:.4f}..{naive_high:.4f}); PSNR "
           f"{s['scan_psnr_mean']:.2f} dB ({s['scan_psnr_ci95'][0]:.2f}..{s['scan_psnr_ci95'][1]:.2f}); "
           f"validation SSIM {best_val[name]:.4f}")
 scan_of = [f"case {c:03d}\nweek {w}" for c, w in zip(default["cases"], default["weeks"])]
@@ -166,8 +167,8 @@ viz.per_group(scans, per_scan, FIGS / "05_per_scan.png", ylabel="mean SSIM");
 # What this means. In the default phantom the test split is two weekly scans of a single patient (and the
 # validation split two of another). The interval over the two test scans only spans their two means, so it
 # measures how much one patient's scans differ from week to week; it cannot see how much patients differ.
-# They differ much more: each model's validation score, on another patient, lies outside its test
-# interval. With one test patient, no interval can say how a new patient would score; a test mean here is a
+# The naive interval over slices cannot either. Patients differ much more: each model's validation score, on
+# another patient, lies outside both of its test intervals. With one test patient, no interval can say how a new patient would score; a test mean here is a
 # statement about patient 040. On the real data (9 test scans of 3 patients) the interval over scans is the
 # honest one to report, and it is wider.
 
@@ -175,9 +176,9 @@ viz.per_group(scans, per_scan, FIGS / "05_per_scan.png", ylabel="mean SSIM");
 s = default["summary"]
 claims(s["n_scans"] == 2 and s["n_patients"] == 1, "the test split is two scans of a single patient",
        f"{s['n_scans']} scans of {s['n_patients']} patients")
-claims(all(not r["summary"]["scan_ssim_ci95"][0] <= best_val[n] <= r["summary"]["scan_ssim_ci95"][1]
-           for n, r in results.items()),
-       "each model's validation score lies outside its test interval",
+claims(all(not min(r["summary"]["scan_ssim_ci95"][0], naive[n][0]) <= best_val[n]
+               <= max(r["summary"]["scan_ssim_ci95"][1], naive[n][1]) for n, r in results.items()),
+       "each model's validation score lies outside both of its test intervals",
        ", ".join(f"{n}: validation {best_val[n]:.4f}, test {r['summary']['scan_ssim_ci95'][0]:.4f}.."
                  f"{r['summary']['scan_ssim_ci95'][1]:.4f}" for n, r in results.items()))
 

@@ -28,8 +28,8 @@
 #
 # **Prerequisites:** notebooks 03 to 05.
 #
-# **Expected run time:** about 2 minutes on a 2-core CPU (a short demonstration run; the figures use the
-# committed prior `checkpoints/prior_8x.pt`). With a GPU the notebook trains the full prior itself.
+# **Expected run time:** about 2.5 minutes on a 2-core CPU (measured by `make figures`: a short demonstration
+# run of 2 epochs; the figures use the committed prior `checkpoints/prior_8x.pt`). With a GPU the notebook trains the full prior itself.
 
 # %% tags=["parameters"]
 SMOKE = False  # fast settings for the tests

@@ -81,6 +81,13 @@ def checkpoints_markdown(manifest: dict[str, Any]) -> str:
             lines.append(f"- `{name}` (Gaussian VAE): test SSIM {t['ssim_mean']:.3f} ({t['ssim_min']:.3f}.."
                          f"{t['ssim_max']:.3f}), Gaussian SSIM {t['ssim_gaussian_mean']:.3f}, PSNR "
                          f"{t['psnr_mean']:.2f} dB; {entry['epochs']} epochs (best: {m['best_validation_epoch']['epoch']}).")
+    if "default.pt" in entries:
+        t = entries["default.pt"]["metrics"]["test"]
+        used = t["active_codes"] / t["codebook_size"]
+        met = t["ssim_mean"] >= 0.90 and used >= 0.90
+        lines.append(f"- `default.pt` against the project's targets (mean test SSIM at least 0.90, at least 90 % of "
+                     f"the codebook used on the test split): {t['ssim_mean']:.3f} and {100 * used:.1f} %, "
+                     + ("met." if met else "not met."))
     speeds = {name[:-3]: e["metrics"]["images_per_s_median"] for name, e in entries.items()
               if "images_per_s_median" in e["metrics"]}
     if speeds:
