@@ -212,9 +212,15 @@ def test_the_vae_and_the_prior_train_in_fp16_too(fp16_runs, few_slices, tmp_path
 # ---------------------------------------------------------------------------------------------- older runs
 
 
-def test_a_checkpoint_from_before_the_precision_setting_loads_as_auto():
+def test_a_checkpoint_from_before_the_precision_setting_loads_as_auto(tmp_path):
+    """The committed default.pt with every precision field removed, as checkpoints were written before it."""
     payload = load_checkpoint(Path(__file__).resolve().parents[1] / "checkpoints" / "default.pt")
-    assert "precision" not in payload["train_config"] and "precision" not in payload
+    payload.pop("precision", None)
+    del payload["train_config"]["precision"]
+    for record in payload["history"]:
+        del record["precision"]
+    save_checkpoint(tmp_path / "old.pt", payload)
+    payload = load_checkpoint(tmp_path / "old.pt")
     config = T.TrainConfig.from_dict(payload["train_config"])
     assert config.precision == "auto" and T.resolve_precision(config, CPU) == "bf16"
     assert T.checkpoint_precision(payload, CPU) == "bf16"  # as it was trained and validated
