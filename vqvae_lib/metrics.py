@@ -53,6 +53,13 @@ def ssim_gaussian(recon: np.ndarray, target: np.ndarray, data_range: float = 1.0
                      for r, t in zip(recon, target)])
 
 
+def score_summary(ssim: np.ndarray, ssim_gaussian: np.ndarray, psnr: np.ndarray) -> dict[str, float]:
+    """Mean, min and max of per-image scores (N,) each: {"ssim_mean", "ssim_min", ..., "psnr_max"} as floats."""
+    return {f"{name}_{stat}": float(getattr(values, stat)())
+            for name, values in (("ssim", ssim), ("ssim_gaussian", ssim_gaussian), ("psnr", psnr))
+            for stat in ("mean", "min", "max")}
+
+
 def scan_means(values: np.ndarray, cases: np.ndarray, weeks: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
     """Mean of per-slice values per scan: values, cases, weeks (N,) -> (the sorted (case, week) scans (S),
     the mean of `values` over each scan's slices (S,) float64)."""

@@ -102,7 +102,6 @@ def checkpoints_markdown(manifest: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 def generation_markdown(prior: dict[str, Any], vae: dict[str, Any]) -> str:
     """The `generation` block: the numbers of notebooks 06 (`prior`) and 07 (`vae`), as they saved them."""
     n = prior["n_samples"]

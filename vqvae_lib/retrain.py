@@ -84,9 +84,7 @@ def _copy(source: Path, f: Any) -> None:
 
 def _test_scores(recon: np.ndarray, images: np.ndarray) -> dict[str, float]:
     ssim, psnr = metrics.ssim_psnr(recon, images)
-    return {"ssim_mean": float(ssim.mean()), "ssim_min": float(ssim.min()), "ssim_max": float(ssim.max()),
-            "ssim_gaussian_mean": float(metrics.ssim_gaussian(recon, images).mean()),
-            "psnr_mean": float(psnr.mean())}
+    return metrics.score_summary(ssim, metrics.ssim_gaussian(recon, images), psnr)
 
 
 def _headline(best: Path, data_dir: Path, device: str) -> dict[str, Any]:

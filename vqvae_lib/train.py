@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import distributed, runs
 from .checkpoint import load_model
 from .data import load_split
-from .metrics import CodeUsage, bootstrap_interval, scan_means, ssim_gaussian, ssim_psnr, ssim_torch
+from .metrics import CodeUsage, bootstrap_interval, scan_means, score_summary, ssim_gaussian, ssim_psnr, ssim_torch
 from .model import VQVAE, ModelConfig
 from .quantizer import VectorQuantizer
 
@@ -548,19 +548,16 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     ssim_g = ssim_gaussian(recon, images)
     usage = CodeUsage(model.config.codebook_size)
     usage.update(indices)
-    summary = {"n_slices": len(data), "ssim_mean": float(ssim.mean()), "ssim_min": float(ssim.min()),
-               "ssim_max": float(ssim.max()), "psnr_mean": float(psnr.mean()), "psnr_min": float(psnr.min()),
-               "psnr_max": float(psnr.max()), "active_codes": usage.active, "perplexity": usage.perplexity,
-               "codebook_size": model.config.codebook_size, "epoch": int(payload["epoch"]),
-               "ssim_gaussian_mean": float(ssim_g.mean()), "ssim_gaussian_min": float(ssim_g.min()),
-               "ssim_gaussian_max": float(ssim_g.max())}
-    scans = [{"case": case, "week": week, "n_slices": int(((cases == case) & (weeks == week)).sum())}
-             for case, week in scan_means(ssim, cases, weeks)[0]]
+    summary = {"n_slices": len(data), **score_summary(ssim, ssim_g, psnr), "active_codes": usage.active,
+               "perplexity": usage.perplexity, "codebook_size": model.config.codebook_size,
+               "epoch": int(payload["epoch"])}
+    per_scan = {name: scan_means(values, cases, weeks) for name, values in
+                (("ssim", ssim), ("ssim_gaussian", ssim_g), ("psnr", psnr))}
+    scans = [{"case": case, "week": week, "n_slices": int(((cases == case) & (weeks == week)).sum()),
+              **{name: float(means[i]) for name, (_, means) in per_scan.items()}}
+             for i, (case, week) in enumerate(per_scan["ssim"][0])]
     summary.update(n_scans=len(scans), n_patients=len({scan["case"] for scan in scans}))
-    for name, values in (("ssim", ssim), ("ssim_gaussian", ssim_g), ("psnr", psnr)):
-        means = scan_means(values, cases, weeks)[1]
-        for scan, mean in zip(scans, means):
-            scan[name] = float(mean)
+    for name, (_, means) in per_scan.items():
         summary[f"scan_{name}_mean"] = float(means.mean())
         summary[f"scan_{name}_ci95"] = list(bootstrap_interval(means))
     return {"checkpoint": str(checkpoint), "split": split, "epoch": int(payload["epoch"]),
