@@ -7,6 +7,8 @@
 #   make bench     benchmark data loading, training and evaluation on the full-size phantom
 #   make checkpoints  retrain every committed checkpoint from the current code (resumable; about an hour on
 #                  a 2-core CPU) and write checkpoints/MANIFEST.json
+#   make sweeps    the short runs behind notebooks 03, 05 and 08 (resumable; a few hours on a 2-core CPU), one
+#                  result JSON per run in results/sweeps/
 #   make ipynb     regenerate the published notebooks in colab/
 PYTHON ?= python3
 DATA_DIR ?= data/phantom
@@ -16,7 +18,7 @@ DEVICE ?= auto
 LAB_DIR ?= .
 LAB_ARGS ?=
 
-.PHONY: setup figures test lab explorer bench checkpoints ipynb lock clean
+.PHONY: setup figures test lab explorer bench checkpoints sweeps ipynb lock clean
 setup ipynb lock:
 	$(PYTHON) make.py $@
 
@@ -29,7 +31,7 @@ test:
 lab:
 	$(PYTHON) make.py lab --lab-dir $(LAB_DIR) -- $(LAB_ARGS)
 
-bench checkpoints:
+bench checkpoints sweeps:
 	$(PYTHON) make.py $@ --device $(DEVICE)
 
 clean:

@@ -15,6 +15,8 @@ from typing import Any, Callable, NoReturn
 from . import __version__, data, distributed, phantom, prior, runs, train
 from .checkpoint import CheckpointError, load_checkpoint
 from .fileio import save_json
+from .model import QUANTIZERS
+from .quantizer import INITS
 
 CONFIGURABLE = ("train", "vae", "prior")  # the commands that take --config, --log-dir and --resume auto
 _VAE_RECIPE = {"preset": "default", "ssim_weight": 0.0}  # the VAE's budget is the default VQ-VAE recipe's
@@ -69,6 +71,17 @@ def _checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweeps(args: argparse.Namespace) -> int:
+    from . import runner, sweeps, tasks
+    data_dir = args.data_dir.resolve() if args.data_dir else tasks.DEFAULT_PHANTOM
+    tasks.ensure_phantom(data_dir)
+    written = sweeps.run_sweeps(data_dir, (args.runs or runner.in_repo("build/sweeps")).resolve(),
+                                (args.out or runner.in_repo(sweeps.RESULTS)).resolve(), groups=args.only,
+                                device=args.device)
+    print(f"{len(written)} result files written; every run of {', '.join(args.only or sweeps.GROUPS)} is done")
+    return 0
+
+
 def _task(name: str, *args: Any, **kwargs: Any) -> int:
     """Run vqvae_lib.tasks.NAME (figures, lab, explorer): its exit code, or 0 for one that returns none."""
     from . import tasks
@@ -112,6 +125,17 @@ _non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
 _non_negative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 _seed = _number(int, lambda v: 0 <= v < 2 ** 63, "a whole number in [0, 2^63)")
 _odd_kernel = _number(int, lambda v: v >= 3 and v % 2 == 1, "an odd whole number >= 3")
+
+
+def _levels(text: str) -> list[int]:
+    """An argparse type for --fsq-levels: whole numbers >= 2, comma-separated ("8,5,5,5")."""
+    try:
+        levels = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be whole numbers >= 2 separated by commas, got {text!r}") from None
+    if not all(level >= 2 for level in levels):
+        raise argparse.ArgumentTypeError(f"every level must be >= 2, got {text}")
+    return levels
 
 
 def _json_file(text: str) -> Path:
@@ -286,7 +310,10 @@ def _fit(args: argparse.Namespace, kind: str, make: Callable[..., Any], new: dic
 
 def _train(args: argparse.Namespace) -> int:
     overrides = _given(args, "epochs", "seed", "batch_size", "lr", "limit", "downsample", "device", "ssim_weight",
-                       "precision")
+                       "precision", "normalize_mse", "quantizer", "codebook_size", "embed_dim", "beta", "ema", "init",
+                       "restart", "lookup_dim", "fsq_levels")
+    if args.quantizer == "fsq" and args.codebook_size is None:  # FSQ's codes are its grid of levels
+        overrides["codebook_size"] = math.prod(args.fsq_levels or train.make_config().model["fsq_levels"])
     out = Path(args.out)
 
     def line(config: train.TrainConfig, r: dict[str, Any]) -> str:
@@ -580,6 +607,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=_checkpoints)
 
+    p = sub.add_parser("sweeps", help="the short runs behind notebooks 03, 05 and 08, resumably; one result JSON "
+                                     "per run (a few hours on a 2-core CPU)")
+    p.add_argument("--data-dir", type=Path, help="the data (default: data/phantom in the repository, written if "
+                                                 "absent)")
+    p.add_argument("--runs", type=Path, help="the run folders, resumed when rerun (default: build/sweeps/ in the "
+                                             "repository)")
+    p.add_argument("--out", type=Path, help="where the result files go (default: results/sweeps/ in the repository)")
+    p.add_argument("--only", nargs="+", metavar="GROUP", help="groups to run (default: all): collapse, beta, size, "
+                                                              "rd, quantizers")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=_sweeps)
+
     run_folder = "run folder (refused if it holds a run, unless --resume or --overwrite)"
     p = sub.add_parser("train", help="train a VQ-VAE; writes config.json, best.pt, last.pt, metrics.json and "
                                      "metrics.csv to --out (data-parallel under torchrun --nproc_per_node=N)")
@@ -599,7 +638,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"latent grid = slice size / this ({_default_text(presets, 'downsample')})")
     p.add_argument("--ssim-weight", type=_non_negative_float,
                    help=f"loss = MSE + W (1 - SSIM) ({_default_text(presets, 'ssim_weight')})")
+    p.add_argument("--normalize-mse", action="store_const", const=True, default=None,
+                   help="divide the MSE by the training slices' variance, as DeepMind's sonnet example does "
+                        f"({_default_text(presets, 'normalize_mse')})")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder (GPU runs)")
+    q = p.add_argument_group("the quantizer (notebooks 03 and 08)")
+    q.add_argument("--quantizer", choices=QUANTIZERS,
+                   help="vq: the paper's nearest code with the straight-through copy; rotation: the rotation trick; "
+                        "cosine: l2-normalised codes in --lookup-dim dimensions; fsq: finite scalar quantization "
+                        f"({_default_text(presets, 'quantizer')})")
+    q.add_argument("--codebook-size", type=_positive_int,
+                   help=f"K, the number of codes ({_default_text(presets, 'codebook_size')}; fsq: the product of "
+                        "--fsq-levels, set for you)")
+    q.add_argument("--embed-dim", type=_positive_int,
+                   help=f"D, the length of the encoder's output vectors ({_default_text(presets, 'embed_dim')})")
+    q.add_argument("--beta", type=_non_negative_float,
+                   help=f"weight of the commitment loss ({_default_text(presets, 'beta')})")
+    q.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"learn the codebook by moving averages, not the codebook loss ({_default_text(presets, 'ema')})")
+    q.add_argument("--init", choices=INITS, help=f"codebook initialisation ({_default_text(presets, 'init')})")
+    q.add_argument("--restart", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"re-set dead codes to encoder outputs ({_default_text(presets, 'restart')})")
+    q.add_argument("--lookup-dim", type=_positive_int,
+                   help=f"cosine: dimensions of the code lookup ({_default_text(presets, 'lookup_dim')})")
+    q.add_argument("--fsq-levels", type=_levels,
+                   help="fsq: levels per dimension, comma-separated "
+                        f"(default: {','.join(map(str, presets['default'].model['fsq_levels']))})")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("vae", help="train the Gaussian VAE (default recipe, same budget as the VQ-VAE) for comparison")

@@ -18,6 +18,7 @@ from torch import nn
 from vqvae_lib.quantizer import INITS, QuantizerOutput, VectorQuantizer
 
 DOWNSAMPLES = (4, 8, 16)
+QUANTIZERS = ("vq", "rotation", "cosine", "fsq")
 
 
 @dataclass
@@ -37,6 +38,9 @@ class ModelConfig:
     usage_decay: float = 0.9
     init: str = "kmeans"
     restart: bool = True
+    quantizer: str = "vq"
+    lookup_dim: int = 8
+    fsq_levels: list[int] = dataclasses.field(default_factory=lambda: [8, 5, 5, 5])
 
     def __post_init__(self) -> None:
         if self.downsample not in DOWNSAMPLES:
@@ -55,6 +59,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
 
     def to_dict(self) -> dict:
         """A plain JSON-able dict of every field."""

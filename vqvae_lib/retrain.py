@@ -70,7 +70,7 @@ def code_revision() -> str:
     return head + ("+changes" if dirty else "")
 
 
-def _machine(device: str) -> dict[str, Any]:
+def machine(device: str) -> dict[str, Any]:
     dev = train.select_device(device)
     return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
@@ -115,9 +115,14 @@ def _baseline(data_dir: Path) -> dict[str, float]:
     return _test_scores(np.broadcast_to(mean_image, images.shape), images)
 
 
-def _shown(path: Path) -> str:
-    """A path as the manifest shows it: relative to the repository when inside it (the commands run from there)."""
+def shown_path(path: Path) -> str:
+    """A path as a result file shows it: relative to the repository when inside it (the commands run from there)."""
     return Path(os.path.relpath(path, runner.REPO)).as_posix() if runner.REPO in path.parents else str(path)
+
+
+def shown_command(words: list[str]) -> str:
+    """The CLI words as a result file shows them: `hipmri-vqvae ...`, with `shown_path` paths."""
+    return "hipmri-vqvae " + " ".join(shown_path(Path(w)) if Path(w).is_absolute() else w for w in words)
 
 
 def build(data_dir: str | Path, runs: str | Path, out: str | Path, *, device: str = "auto",
@@ -145,13 +150,12 @@ def build(data_dir: str | Path, runs: str | Path, out: str | Path, *, device: st
         if code:
             raise RuntimeError(f"{recipe.name}: `hipmri-vqvae {' '.join(command)}` failed with exit code {code}")
         history = load_checkpoint(folders[recipe.name] / "last.pt")["history"]
-        shown = [_shown(Path(w)) if Path(w).is_absolute() else w for w in command]
-        entries[recipe.name] = {"command": f"hipmri-vqvae {' '.join(shown)}", "epochs": len(history),
+        entries[recipe.name] = {"command": shown_command(command), "epochs": len(history),
                                 "train_seconds": round(sum(r["seconds"] for r in history), 1),
                                 "this_call_seconds": round(time.perf_counter() - started, 1)}
-    fingerprint, machine = data_fingerprint(data_dir), _machine(device)
-    manifest = {"command": "make checkpoints", "data_dir": _shown(data_dir), "data_sha256": fingerprint,
-                "code_revision": revision, "machine": machine, "baselines": {"mean_image": _baseline(data_dir)},
+    fingerprint, host = data_fingerprint(data_dir), machine(device)
+    manifest = {"command": "make checkpoints", "data_dir": shown_path(data_dir), "data_sha256": fingerprint,
+                "code_revision": revision, "machine": host, "baselines": {"mean_image": _baseline(data_dir)},
                 "checkpoints": {}}
     for recipe in recipes:
         best = folders[recipe.name] / "best.pt"

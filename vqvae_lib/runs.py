@@ -52,7 +52,9 @@ RUN_OUTPUTS = (*RUN_FILES, "metrics.csv", "config.json", "maps_*")
 RESUME_MAY_CHANGE = ("epochs", "device")  # what a resumed run may ask for differently
 RESUME_STATE = ("optimizer_state", "scheduler_state", "rng")
 SCALER_STATE = "scaler_state"  # last.pt of an fp16 run also holds its GradScaler's state (`fit`)
-CONFIG_DEFAULTS = {"precision": "auto"}  # what a saved train config without these fields (an older run) meant
+CONFIG_DEFAULTS = {"precision": "auto", "normalize_mse": False}  # what a train config saved without these fields meant
+# ... and a model config (VQ-VAE and VAE) saved before the quantizer could be chosen
+MODEL_DEFAULTS = {"quantizer": "vq", "lookup_dim": 8, "fsq_levels": [8, 5, 5, 5]}
 DATA_OPTIONS = {"shape_policy": "crop", "normalization": "percentile", "cache": True}  # load_split's defaults
 LOCK = ".lock"
 REPLACED = ".replaced"
@@ -331,7 +333,8 @@ def _resume_payload(out_dir: Path, kind: str, train_config: dict[str, Any], mode
     payload = load_resume(out_dir, kind)
     diff = config_diff({**CONFIG_DEFAULTS, **payload["train_config"]}, train_config,
                        ignore=RESUME_MAY_CHANGE + ("model",))
-    diff += config_diff(payload["model_config"], model_config)
+    saved_model = {**{k: v for k, v in MODEL_DEFAULTS.items() if k in model_config}, **payload["model_config"]}
+    diff += config_diff(saved_model, model_config)
     if diff:
         raise CheckpointError(f"cannot resume from {out_dir / 'last.pt'}: the requested config differs from the "
                               f"run's (only epochs and device may change): {'; '.join(diff)}")

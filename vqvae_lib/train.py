@@ -101,7 +101,9 @@ class TrainConfig:
 
     schedule: "constant", or "cosine": linear warm-up over the first `warmup` fraction of all steps, then
     cosine decay to `final_lr` x lr at the last step. ssim_weight: the reconstruction loss is
-    MSE + ssim_weight x (1 - SSIM) (0: MSE alone, as in the paper). amp: the recipe wants mixed precision.
+    MSE + ssim_weight x (1 - SSIM) (0: MSE alone, as in the paper). normalize_mse: divide that MSE by the
+    variance of the training slices, as DeepMind's sonnet example does (it changes what beta weighs the
+    commitment loss against). amp: the recipe wants mixed precision.
     precision: "auto" (fp32 without amp; with amp what the device does best: bf16 on the CPU and GPUs with
     native bf16, fp16 with a GradScaler on older GPUs, fp32 on MPS), or "bf16", "fp16" or "fp32" whatever amp
     says (`resolve_precision`; the quantizer always computes in fp32). limit: train on the first `limit`
@@ -120,6 +122,7 @@ class TrainConfig:
     channels_last: bool
     model: dict[str, Any]
     ssim_weight: float = 0.0
+    normalize_mse: bool = False
     seed: int = 0
     device: str = "auto"
     limit: int | None = None
@@ -397,8 +400,10 @@ def global_batches(n: int, batch_size: int, world: int = 1) -> list[tuple[int, i
 
 def train_epoch(net: torch.nn.Module, images: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
                 config: TrainConfig, device: torch.device, epoch: int, progress: bool,
-                scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+                scaler: torch.amp.GradScaler | None = None, mse_scale: float = 1.0) -> dict[str, float]:
     """One pass over images (N, 1, H, W) in a seeded random order; returns the mean losses (and SSIM) per image.
+
+    The loss is mse_scale x MSE + the VQ loss (+ the SSIM term); train_recon reports the unscaled MSE.
 
     Trains in config's precision on `device` (`resolve_precision`). scaler: the run's `grad_scaler`, which keeps
     its scale from epoch to epoch (needed for fp16; bf16 and fp32 need none). net: the model, or its
@@ -427,7 +432,7 @@ def train_epoch(net: torch.nn.Module, images: torch.Tensor, optimizer: torch.opt
                 out = net(x)
             recon = out.recon.float()
             mse, ssim = F.mse_loss(recon, x), ssim_torch(recon, x).mean()
-            loss = mse + out.vq.loss
+            loss = mse_scale * mse + out.vq.loss
             if config.ssim_weight:
                 loss = loss + config.ssim_weight * (1 - ssim)
             # weighted by this process's share of the batch: DDP divides the summed gradients by world
@@ -488,6 +493,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
         del train_split
         batches = global_batches(len(images), config.batch_size, distributed.world_size())
         steps, per_epoch = config.epochs * len(batches), sum(stop - start for start, stop in batches)
+        mse_scale = 1.0 / float(images.var()) if config.normalize_mse else 1.0
 
         # The run's RNG use stays inside: the caller's global RNG state is the same afterwards.
         with torch.random.fork_rng(devices=runs.cuda_devices(device)), cudnn_autotune(device):
@@ -502,7 +508,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
             def one_epoch(epoch: int) -> dict[str, Any]:
                 started, restarts_before = time.perf_counter(), quantizer.restarts_total
                 record = train_epoch(net, images, optimizer, scheduler, config, device, epoch, progress and main,
-                                     scaler)
+                                     scaler, mse_scale)
                 record.update(restarts=quantizer.restarts_total - restarts_before,
                               images_per_s=per_epoch / (time.perf_counter() - started), precision=config.precision)
                 if distributed.active():
