@@ -58,10 +58,10 @@ GROUPS: dict[str, tuple[Run, ...]] = {
     # Notebook 03: the commitment weight, against the MSE as it is and divided by the data's variance.
     "beta": tuple(Run(f"beta{beta:g}{'_normalized' if normalized else ''}",
                       ("--beta", f"{beta:g}", *(("--normalize-mse",) if normalized else ())))
-                  for normalized in (False, True) for beta in (0.05, 0.25, 1.0, 2.0)),
+                  for normalized in (False, True) for beta in (0.05, 0.25, 1.0)),
     # Notebook 03: the codebook size K and the code dimension D.
     "size": tuple(Run(f"K{k}", ("--codebook-size", str(k))) for k in (64, 256, 512, 1024, 2048))
-    + tuple(Run(f"D{d}", ("--embed-dim", str(d))) for d in (8, 16, 32)),
+    + tuple(Run(f"D{d}", ("--embed-dim", str(d))) for d in (8, 32, 64)),
     # Notebook 05: rate and distortion at each grid (4x comes from "size").
     "rd": tuple(Run(f"{d}x_K{k}", ("--downsample", str(d), "--codebook-size", str(k)))
                 for d in (8, 16) for k in (64, 256, 512, 1024)),
@@ -165,3 +165,23 @@ def load_results(folder: str | Path, group: str) -> dict[str, dict[str, Any]]:
         if path.is_file():
             found[run.name] = json.loads(path.read_text())
     return found
+
+
+def rerun(name: str, data_dir: str | Path, runs: str | Path, *, device: str = "auto",
+          limit: int | None = None, epochs: int | None = None) -> dict[str, Any]:
+    """Train the sweep run `name` again in runs/NAME (resumed if there) and return its `measure`; limit and
+    epochs shorten it (smoke runs). The notebooks compare a full rerun with the committed result."""
+    from . import cli
+    run = next((r for r in runs_of() if r.name == name), None)
+    if run is None:
+        raise ValueError(f"no sweep run is called {name!r}")
+    folder = Path(runs) / name
+    words = command(run, Path(data_dir), folder, device)
+    words += [*(["--limit", str(limit)] if limit else []), *(["--epochs", str(epochs)] if epochs else [])]
+    try:
+        code = cli.main(words)
+    except SystemExit as e:
+        code = e.code
+    if code:
+        raise RuntimeError(f"rerun of {name}: `{retrain.shown_command(words)}` failed with exit code {code}")
+    return measure(folder / "last.pt", Path(data_dir), device)
