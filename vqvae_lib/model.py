@@ -4,6 +4,7 @@ The architecture follows the paper's image model (and DeepMind's sonnet example)
 downsample the image by `downsample` (each halves H and W), residual blocks refine the features, a 1x1
 convolution projects them to `embed_dim`-long vectors for the quantiser, and the decoder mirrors all of it with
 transposed convolutions. The decoder output is linear (no sigmoid): the reconstruction loss sees raw values.
+`quantizer` picks the paper's quantiser ("vq") or one of the later ones (`make_quantizer`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from vqvae_lib.quantizer import INITS, QuantizerOutput, VectorQuantizer
+from vqvae_lib.quantizers import CosineQuantizer, FiniteScalarQuantizer
 
 DOWNSAMPLES = (4, 8, 16)
 QUANTIZERS = ("vq", "rotation", "cosine", "fsq")
@@ -38,14 +40,14 @@ class ModelConfig:
     usage_decay: float = 0.9
     init: str = "kmeans"
     restart: bool = True
-    quantizer: str = "vq"
-    lookup_dim: int = 8
-    fsq_levels: list[int] = dataclasses.field(default_factory=lambda: [8, 5, 5, 5])
+    quantizer: str = "vq"  # one of QUANTIZERS, see `make_quantizer`; "fsq" ignores beta, ema ... restart
+    lookup_dim: int = 8  # "cosine" only: the dimension codes are compared in
+    fsq_levels: list[int] = dataclasses.field(default_factory=lambda: [8, 5, 5, 5])  # "fsq" only: values per channel
 
     def __post_init__(self) -> None:
         if self.downsample not in DOWNSAMPLES:
             raise ValueError(f"downsample must be one of {DOWNSAMPLES}, got {self.downsample}")
-        for name in ("in_channels", "hidden", "res_hidden", "codebook_size", "embed_dim"):
+        for name in ("in_channels", "hidden", "res_hidden", "codebook_size", "embed_dim", "lookup_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.hidden < 2:
@@ -61,6 +63,13 @@ class ModelConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        self.fsq_levels = list(self.fsq_levels)  # a tuple would not equal itself after a JSON round trip
+        if not self.fsq_levels or not all(isinstance(n, int) and n >= 2 for n in self.fsq_levels):
+            raise ValueError(f"fsq_levels must be a non-empty list of integers >= 2, got {self.fsq_levels}")
+        codes = math.prod(self.fsq_levels)
+        if self.quantizer == "fsq" and self.codebook_size != codes:
+            raise ValueError(f"codebook_size {self.codebook_size} does not match fsq_levels "
+                             f"{'x'.join(map(str, self.fsq_levels))} = {codes} codes: set codebook_size to {codes}")
 
     def to_dict(self) -> dict:
         """A plain JSON-able dict of every field."""
@@ -96,6 +105,24 @@ class ResidualStack(nn.Module):
         for block in self.blocks:
             x = x + block(x)
         return self.out(x)
+
+
+def make_quantizer(config: ModelConfig) -> VectorQuantizer | CosineQuantizer | FiniteScalarQuantizer:
+    """The quantiser `config.quantizer` names, for encoder outputs of config.embed_dim channels.
+
+    "vq": the paper's `VectorQuantizer` (straight-through gradient); "rotation": the same with the rotation
+    trick for the gradient; "cosine": `CosineQuantizer`, nearest code by angle in lookup_dim dimensions;
+    "fsq": `FiniteScalarQuantizer` on the grid fsq_levels (no codebook). The first three take the config's
+    codebook options (beta, ema, decay, usage_decay, init, restart).
+    """
+    if config.quantizer == "fsq":
+        return FiniteScalarQuantizer(config.fsq_levels, config.embed_dim)
+    options = dict(beta=config.beta, ema=config.ema, decay=config.decay, usage_decay=config.usage_decay,
+                   init=config.init, restart=config.restart)
+    if config.quantizer == "cosine":
+        return CosineQuantizer(config.codebook_size, config.embed_dim, config.lookup_dim, **options)
+    return VectorQuantizer(config.codebook_size, config.embed_dim,
+                           estimator="rotation" if config.quantizer == "rotation" else "ste", **options)
 
 
 def _num_halvings(downsample: int) -> int:
@@ -161,18 +188,16 @@ class VQVAEOutput:
 
 
 class VQVAE(nn.Module):
-    """Encoder -> vector quantiser -> decoder; x: (B, in_channels, H, W) with H and W divisible by downsample.
+    """Encoder -> quantiser -> decoder; x: (B, in_channels, H, W) with H and W divisible by downsample.
 
-    Training loss: reconstruction error of `recon` plus `vq.loss`.
+    The quantiser is `make_quantizer(config)`. Training loss: reconstruction error of `recon` plus `vq.loss`.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.quantizer = VectorQuantizer(config.codebook_size, config.embed_dim, beta=config.beta, ema=config.ema,
-                                         decay=config.decay, usage_decay=config.usage_decay, init=config.init,
-                                         restart=config.restart)
+        self.quantizer = make_quantizer(config)
         self.decoder = Decoder(config)
 
     def latent_shape(self, image_shape: tuple[int, int]) -> tuple[int, int]:
@@ -195,7 +220,8 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images to code indices: x (B, in_channels, H, W) -> (B, h, w) int64. Never changes the codebook."""
+        """Images to code indices: x (B, in_channels, H, W) -> (B, h, w) int64, the codes the eval-mode forward
+        pass chooses. Never changes the codebook."""
         self._check_input(x)
         z_e = self.encoder(x)
         b, d, h, w = z_e.shape

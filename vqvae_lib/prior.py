@@ -200,6 +200,25 @@ def nll_per_latent(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), indices)
 
 
+@torch.no_grad()
+def map_nll(model: PixelCNNPrior, maps: np.ndarray, bins: np.ndarray | None = None, batch_size: int = 64, *,
+            amp: bool | str = False) -> np.ndarray:
+    """Each map's mean negative log-likelihood under the prior, in nats per latent: maps (N, h, w) int64, bins (N,)
+    position bins (used if the prior is conditioned on them) -> (N,) float64. Eval mode, on the model's device."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = np.empty(len(maps))
+    for start in range(0, len(maps), batch_size):
+        x = torch.from_numpy(np.asarray(maps[start:start + batch_size])).to(device)
+        position = (torch.from_numpy(np.asarray(bins[start:start + batch_size])).to(device)
+                    if model.config.positions and bins is not None else None)
+        with autocast(device, amp):
+            logits = model(x, position)
+        nll = F.cross_entropy(logits.float(), x, reduction="none")  # (B, h, w)
+        out[start:start + len(x)] = nll.mean((1, 2)).double().cpu().numpy()
+    return out
+
+
 def unigram_nll(train: np.ndarray, test: np.ndarray, codebook_size: int) -> float:
     """The baseline a prior must beat: nats per latent of `test` maps under the code frequencies of `train` maps
     (add-one smoothed), i.e. a model that ignores all context. A uniform guess scores log(K)."""

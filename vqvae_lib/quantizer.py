@@ -16,6 +16,14 @@ On top of the paper's plain version, three optional fixes against codebook colla
 - ``init``: start the codebook from the encoder's outputs ("sample" or "kmeans") instead of random numbers;
 - ``restart``: re-set codes that are (nearly) never chosen to random encoder outputs of the current batch.
 
+Two options change the quantiser itself (both off in the paper's version):
+
+- ``estimator="rotation"``: the rotation trick (Fifty et al. 2024) instead of the straight-through copy;
+- ``normalize``: nearest code by cosine similarity, as in Improved VQGAN (`quantizers.CosineQuantizer`).
+
+`quantizers` adds Finite Scalar Quantization, which needs no codebook at all. `model.ModelConfig.quantizer`
+picks one of these.
+
 All state lives in registered buffers, so a checkpoint (``state_dict``) restores it exactly. Under data-parallel
 training (``torchrun``) the codebook statistics are summed across processes (`distributed`), so every replica
 makes the same update as one process would on the whole global batch.
@@ -34,12 +42,13 @@ from torch import nn
 from . import distributed
 
 INITS = ("uniform", "sample", "kmeans")
+ESTIMATORS = ("ste", "rotation")
 KMEANS_MAX_POINTS = 20_000  # k-means at initialisation runs on at most this many sampled encoder outputs
 
 
 @dataclass
 class QuantizerOutput:
-    """What one forward pass of `VectorQuantizer` returns (all scalars are fp32 0-d tensors)."""
+    """What one forward pass of a quantiser returns (all scalars are fp32 0-d tensors)."""
 
     quantized: torch.Tensor  # (B, D, h, w): forward value = the chosen codes, gradient flows to the encoder output
     indices: torch.Tensor  # (B, h, w) int64: index of the chosen code at each position
@@ -92,6 +101,25 @@ def nearest_code(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         return distances.argmin(1)
 
 
+def rotation_trick(z: torch.Tensor, e: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The rotation trick's stand-in for the codes e: z, e (B, D, ...) with vectors along dim 1 -> (B, D, ...).
+
+    Fifty et al. 2024 ("Restructuring Vector Quantization with the Rotation Trick", arXiv 2410.06424) pass the
+    gradient through the quantiser by a rotation instead of a copy: q = sg[||e|| / ||z||] sg[R] z, where R is
+    the rotation in the plane of z and e that turns u = z / ||z|| onto q^ = e / ||e||. In Householder form, with
+    r = (u + q^) / ||u + q^||, R z = z - 2 r (r.z) + 2 q^ (u.z). The value of q is e up to rounding; q is linear
+    in z with everything else held constant, so the encoder gets the decoder's gradient rotated and scaled by
+    sg[||e|| / ||z||] R^T, and the codes get none. Norms below `eps` count as `eps` (no division by zero; for
+    opposite u and q^, R becomes the reflection z -> -z, which still lands on e).
+    """
+    z_norm, e_norm = z.norm(dim=1, keepdim=True), e.norm(dim=1, keepdim=True)
+    u = (z / z_norm.clamp(min=eps)).detach()
+    q = (e / e_norm.clamp(min=eps)).detach()
+    r = F.normalize(u + q, dim=1, eps=eps)
+    rotated = z - 2 * r * (r * z).sum(1, keepdim=True) + 2 * q * (u * z).sum(1, keepdim=True)
+    return (e_norm / z_norm.clamp(min=eps)).detach() * rotated
+
+
 def sample_rows(flat: torch.Tensor, n: int) -> torch.Tensor:
     """`n` randomly chosen rows of `flat`: (N, D) -> (n, D), from torch's global RNG.
 
@@ -133,6 +161,12 @@ class VectorQuantizer(nn.Module):
         restart: re-set codes whose smoothed usage falls below `restart_threshold / num_codes`.
         restart_threshold: see `restart`.
         kmeans_iters: k-means iterations for init="kmeans".
+        estimator: how the gradient passes the lookup: "ste", the paper's straight-through copy, or "rotation",
+            the rotation trick (`rotation_trick`). Either way the forward value is exactly the chosen codes.
+        normalize: l2-normalise the encoder outputs and the codes (`codes`) before everything else, so the
+            nearest code is the one of highest cosine similarity (Yu et al. 2022, "Vector-quantized Image
+            Modeling with Improved VQGAN"): lookup, losses, EMA, k-means initialisation and restarts all see unit
+            vectors. `quantizers.CosineQuantizer` adds the low-dimensional projections that paper uses.
 
     Nothing changes in eval mode: the forward pass is then a pure nearest-code lookup.
     Plain paper version: ``VectorQuantizer(K, D, ema=False, init="uniform", restart=False)``.
@@ -140,12 +174,15 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, num_codes: int, dim: int, *, beta: float = 0.25, ema: bool = True, decay: float = 0.99,
                  usage_decay: float = 0.9, eps: float = 1e-5, init: str = "kmeans", restart: bool = True,
-                 restart_threshold: float = 0.01, kmeans_iters: int = 10) -> None:
+                 restart_threshold: float = 0.01, kmeans_iters: int = 10, estimator: str = "ste",
+                 normalize: bool = False) -> None:
         super().__init__()
         if num_codes < 1 or dim < 1:
             raise ValueError(f"num_codes and dim must be positive, got {num_codes} and {dim}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         for name, value in (("decay", decay), ("usage_decay", usage_decay)):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {value}")
@@ -153,6 +190,7 @@ class VectorQuantizer(nn.Module):
         self.beta, self.ema, self.decay, self.usage_decay, self.eps = beta, ema, decay, usage_decay, eps
         self.init, self.kmeans_iters = init, kmeans_iters
         self.restart, self.restart_threshold = restart, restart_threshold
+        self.estimator, self.normalize = estimator, normalize
 
         codebook = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)
         if ema:
@@ -176,14 +214,25 @@ class VectorQuantizer(nn.Module):
         """How many code restarts have happened so far (saved in the state_dict as `restart_count`)."""
         return int(self.restart_count)
 
+    @property
+    def codes(self) -> torch.Tensor:
+        """The code vectors that lookups return, (K, D): the codebook, l2-normalised with normalize=True."""
+        return F.normalize(self.codebook, dim=1) if self.normalize else self.codebook
+
     @torch.no_grad()
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code for each vector: flat (N, D) -> (N,) int64."""
-        return nearest_code(flat, self.codebook)
+        """Index of the nearest code for each vector: flat (N, D) -> (N,) int64 (with normalize=True, of the
+        l2-normalised vector: the code of highest cosine similarity)."""
+        return self._nearest(F.normalize(flat, dim=1) if self.normalize else flat)
+
+    @torch.no_grad()
+    def _nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """`nearest` for rows flat (N, D) already l2-normalised if normalize=True."""
+        return nearest_code(flat, self.codes)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Code vectors at the given indices: (B, h, w) int64 -> (B, D, h, w)."""
-        return F.embedding(indices, self.codebook).permute(0, 3, 1, 2)
+        return F.embedding(indices, self.codes).permute(0, 3, 1, 2)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantise the encoder output z_e: z (B, D, h, w) -> `QuantizerOutput`; computed in fp32."""
@@ -191,7 +240,7 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"expected z of shape (B, {self.dim}, h, w), got {tuple(z.shape)}")
         b, _, h, w = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
-            z_e = z.float()
+            z_e = F.normalize(z.float(), dim=1) if self.normalize else z.float()
             # One row per latent position; choosing codes and updating them needs no gradient.
             flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, self.dim)  # (N, D), N = B*h*w vectors
 
@@ -200,7 +249,7 @@ class VectorQuantizer(nn.Module):
                 self._init_from_data(flat)
 
             # 2. Nearest code for every vector, and the chosen code vectors e.
-            indices = self.nearest(flat)  # (N,)
+            indices = self._nearest(flat)  # (N,)
             e = self.lookup(indices.view(b, h, w))  # (B, D, h, w)
 
             # 3. The two loss terms. The commitment loss pulls the encoder output towards its code; the codebook
@@ -211,7 +260,11 @@ class VectorQuantizer(nn.Module):
 
             # 4. Straight-through estimator: the forward value is exactly e (z_e - sg[z_e] = 0), while the backward
             #    pass copies the decoder's gradient to z_e unchanged (and none to the codebook).
-            quantized = e.detach() + (z_e - z_e.detach())
+            if self.estimator == "ste":
+                quantized = e.detach() + (z_e - z_e.detach())
+            else:  # the rotation trick: the same value, the gradient rotated and scaled (`rotation_trick`)
+                rotated = rotation_trick(z_e, e.detach())
+                quantized = e.detach() + (rotated - rotated.detach())
 
             # 5. Code usage in this batch (over all processes): perplexity = exp(entropy of the code histogram).
             counts = flat.new_zeros(self.num_codes).index_add_(0, indices, flat.new_ones(len(indices)))  # (K,)

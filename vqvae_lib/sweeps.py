@@ -5,13 +5,15 @@ Every run is one `hipmri-vqvae train` command: the default recipe on the first `
 Each trains in its own run folder with `--resume auto`, and its result is written to OUT/NAME.json: the command,
 the code revision, the data's fingerprint, the machine, the training history and the test scores of its last
 epoch (`measure`). A rerun skips every run whose result file holds the same command, so an interrupted sweep
-continues where it stopped and a finished one costs nothing.
+continues where it stopped and a finished one costs nothing (a result of the same command on another device
+counts as done).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,11 +116,17 @@ def measure(checkpoint: Path, data_dir: Path, device: str = "auto") -> dict[str,
             "images_per_s_median": float(np.median([r["images_per_s"] for r in history]))}
 
 
-def _stored_command(path: Path) -> str | None:
+def _without_device(command: str) -> str:
+    return re.sub(r" --device \S+", "", command)
+
+
+def _done(path: Path, command: str) -> bool:
+    """Whether the result file `path` holds a run of `command` (on whatever device: the run is the same)."""
     try:
-        return json.loads(path.read_text())["command"]
+        stored = json.loads(path.read_text())["command"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return False
+    return isinstance(stored, str) and _without_device(stored) == _without_device(command)
 
 
 def run_sweeps(data_dir: str | Path, runs: str | Path, out: str | Path, *, groups: list[str] | None = None,
@@ -136,7 +144,7 @@ def run_sweeps(data_dir: str | Path, runs: str | Path, out: str | Path, *, group
         words = command(run, data_dir, runs / run.name, device)
         shown = retrain.shown_command(words)
         target = out / f"{run.name}.json"
-        if _stored_command(target) == shown:
+        if _done(target, shown):
             continue
         print(f"[{i}/{len(chosen)}] {run.name}: {shown}", flush=True)
         started = time.perf_counter()

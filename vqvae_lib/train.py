@@ -30,7 +30,6 @@ from .checkpoint import load_model
 from .data import load_split
 from .metrics import CodeUsage, bootstrap_interval, scan_means, score_summary, ssim_gaussian, ssim_psnr, ssim_torch
 from .model import VQVAE, ModelConfig
-from .quantizer import VectorQuantizer
 
 
 # The recipes, in one place. "model" holds ModelConfig fields; everything else is a TrainConfig field.
@@ -292,10 +291,6 @@ def compile_model(model: VQVAE) -> None:
     model.decoder.compile()
 
 
-def _quantizer(model: VQVAE) -> VectorQuantizer:
-    return next(m for m in model.modules() if isinstance(m, VectorQuantizer))
-
-
 @contextlib.contextmanager
 def cudnn_autotune(device: torch.device) -> Iterator[None]:
     """On CUDA, let cuDNN time its convolution algorithms for our fixed shapes (`cudnn.benchmark`) for the block;
@@ -502,7 +497,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig, *, res
             if compile:
                 compile_model(model)
             net = distributed.wrap(model, device)
-            quantizer = _quantizer(model)
+            quantizer = model.quantizer
             scaler = grad_scaler(config.precision, device)
 
             def one_epoch(epoch: int) -> dict[str, Any]:

@@ -247,8 +247,10 @@ def latent_grids(image: np.ndarray, factors: Sequence[int], path: str | Path | N
 
 
 def curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path: str | Path | None,
-           *, xlabel: str = "epoch", logy: bool | Sequence[str] = False, ncols: int = 3) -> plt.Figure:
-    """Line plots, one panel per title. panels: {title: {series label: (x, y)}}; logy: True or panel titles."""
+           *, xlabel: str = "epoch", logy: bool | Sequence[str] = False, logx: bool = False, ncols: int = 3
+           ) -> plt.Figure:
+    """Line plots, one panel per title. panels: {title: {series label: (x, y)}}; logy: True or panel titles;
+    logx: a log-2 x axis for every panel, ticked at the x values (e.g. codebook sizes)."""
     fig, axes = _grid(len(panels), min(ncols, len(panels)), (3.6, 2.6))
     palette = ["#264653", "#e76f51", "#2a9d8f", "#e9c46a", "#8338ec"]
     for ax, (title, series) in zip(axes, panels.items()):
@@ -259,6 +261,11 @@ def curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[flo
         ax.set_xlabel(xlabel)
         if logy is True or (not isinstance(logy, bool) and title in logy):
             ax.set_yscale("log")
+        if logx:
+            ticks = sorted({v for x, _ in series.values() for v in x})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8)
+            ax.minorticks_off()
         if len(series) > 1:
             ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
@@ -392,6 +399,41 @@ def per_group(groups: Sequence[str], values: Mapping[str, Sequence[float]], path
     return save(fig, path)
 
 
+def rate_distortion(curves: Mapping[str, Sequence[Mapping[str, float]]],
+                    points: Mapping[str, Sequence[Mapping[str, float | str]]], path: str | Path | None, *,
+                    metrics: Sequence[str] = ("ssim", "psnr")) -> plt.Figure:
+    """Quality against bits per slice (log scale), one panel per metric, with a shared x axis.
+
+    curves: {codec: [{"bits_per_slice":, metric: ...}, ...]} drawn as lines with markers (`rate.codec_curve`);
+    points: {group, e.g. "VQ-VAE 4x": [{"bits_per_slice":, metric: ..., "label": "K=512"}, ...]} drawn as
+    markers annotated with their labels. The legend sits below the panels.
+    """
+    names = {"ssim": "SSIM (7x7 uniform)", "ssim_gaussian": "SSIM (11x11 Gaussian)", "psnr": "PSNR (dB)"}
+    palette = ["#264653", "#2a9d8f", "#e9c46a", "#8d99ae", "#3a86ff"]
+    markers = [("D", "#e76f51"), ("s", "#8338ec"), ("^", "#ff006e"), ("P", "#000000")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.3), sharex=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for i, (codec, curve) in enumerate(curves.items()):
+            ax.plot([p["bits_per_slice"] for p in curve], [p[metric] for p in curve], label=codec,
+                    color=palette[i % len(palette)], lw=1.4, marker="o", ms=3.5)
+        for i, (group, group_points) in enumerate(points.items()):
+            marker, colour = markers[i % len(markers)]
+            xs, ys = [p["bits_per_slice"] for p in group_points], [p[metric] for p in group_points]
+            ax.scatter(xs, ys, marker=marker, s=50, color=colour, edgecolors="white", linewidths=0.5, zorder=3,
+                       label=group)
+            for x, y, p in zip(xs, ys, group_points):
+                ax.annotate(str(p["label"]), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("bits per slice (log scale)")
+        ax.set_ylabel(names.get(metric, metric))
+        ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 5) or 1,
+               frameon=False)
+    return save(fig, path)
+
+
 def code_usage(counts: Mapping[str, np.ndarray], path: str | Path | None) -> plt.Figure:
     """Code usage histograms, codes sorted from most to least used. counts: {model: (K,) counts}."""
     fig, axes = plt.subplots(1, len(counts), figsize=(4.6 * len(counts), 2.8), squeeze=False)
@@ -403,5 +445,27 @@ def code_usage(counts: Mapping[str, np.ndarray], path: str | Path | None) -> plt
         ax.set_title(f"{name}: {int((c > 0).sum())} of {len(c)} codes used")
         ax.set_xlabel("code (sorted by use)")
         ax.set_ylabel("share of cells")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def ablation(variants: Sequence[str], metrics: Mapping[str, Sequence[float]], path: str | Path | None, *,
+             highlight: str | None = None, formats: Mapping[str, str] | None = None) -> plt.Figure:
+    """Horizontal bars, one panel per metric and one bar per variant (top to bottom, in order), each labelled
+    with its value. metrics: {metric name: one value per variant}; highlight: a variant drawn in a second colour
+    (e.g. the default recipe); formats: {metric name: format spec} (default ".3g")."""
+    formats = formats or {}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.9 * len(metrics) + 1.2, 0.34 * len(variants) + 1.0),
+                             sharey=True, squeeze=False)
+    y = np.arange(len(variants))
+    colours = ["#e76f51" if v == highlight else "#264653" for v in variants]
+    for ax, (name, values) in zip(axes[0], metrics.items()):
+        bars = ax.barh(y, values, color=colours, height=0.7)
+        ax.bar_label(bars, [format(v, formats.get(name, ".3g")) for v in values], fontsize=7, padding=2)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlim(0, max(max(values), 1e-12) * 1.3)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[0, 0].set_yticks(y, variants, fontsize=8)
+    axes[0, 0].invert_yaxis()
     fig.tight_layout()
     return save(fig, path)
