@@ -37,25 +37,25 @@ DATA_DIR = "../data/phantom"
 FIG_DIR = "../figures"
 SEED = 0
 INTERACTIVE = False
+RESULTS_DIR = "../results/sweeps"  # the committed results of `make sweeps`
 
 # %%
 from pathlib import Path
 
 DATA = Path(DATA_DIR)
 FIGS = Path(FIG_DIR)
+RESULTS = Path(RESULTS_DIR)
 TOY_STEPS = 40 if SMOKE else 300
 SLICE_STEPS = 10 if SMOKE else 300
 
 # %%
-import inspect
 import platform
 
 import numpy as np
 import torch
-from IPython.display import Code, display
 
 import vqvae_lib
-from vqvae_lib import data, metrics, viz
+from vqvae_lib import data, metrics, sweeps, viz
 from vqvae_lib.claims import Claims
 from vqvae_lib.model import VQVAE, ModelConfig
 from vqvae_lib.quantizer import VectorQuantizer, nearest_code
@@ -63,11 +63,6 @@ from vqvae_lib.quantizer import VectorQuantizer, nearest_code
 torch.manual_seed(SEED)
 claims = Claims(SMOKE, DATA)  # sentences below that state a measured result are checked in full mode
 print(f"python {platform.python_version()}, torch {torch.__version__}, vqvae_lib {vqvae_lib.__version__}")
-
-
-def show_source(obj) -> None:
-    """Display the source of a function or class of the library, highlighted."""
-    display(Code(inspect.getsource(obj), language="python"))
 
 
 # %% [markdown]
@@ -79,7 +74,7 @@ def show_source(obj) -> None:
 # ||z - e||² = ||z||² - 2 z·e + ||e||², needs only one N x K matrix product:
 
 # %%
-show_source(nearest_code)
+viz.show_source(nearest_code)
 
 # %% [markdown]
 # ## 2. Codebook vectors moving among the data, in 2D
@@ -101,13 +96,15 @@ toy = torch.tensor(toy, dtype=torch.float32)
 as_grid = toy.T.reshape(1, 2, -1, 1)  # the quantizer takes (B, D, h, w): here one "image" of N x 1 cells
 
 
-def train_toy(vq: VectorQuantizer, steps: int, snapshots=(0, 5, 40, 300)) -> tuple[dict, dict]:
-    """Train `vq` on the toy points; return codebook snapshots and the usage/loss history."""
+def train_toy(vq: VectorQuantizer, steps: int, snapshots=(0, 5, 40, 300), points=lambda step: as_grid
+              ) -> tuple[dict, dict]:
+    """Train `vq` on the toy points (points(step): the points of each step); return codebook snapshots and the
+    usage/loss history."""
     opt = torch.optim.Adam(vq.parameters(), lr=0.05) if list(vq.parameters()) else None
     shots, history = {}, {"step": [], "active codes": [], "perplexity": [], "codebook": [], "commitment": []}
     for step in range(steps + 1):
         vq.train()
-        out = vq(as_grid)
+        out = vq(points(step))
         if opt is not None:  # plain VQ: the codebook learns from the codebook loss
             opt.zero_grad()
             out.codebook_loss.backward()
@@ -155,7 +152,7 @@ claims(dead_radius <= 1 / 32, "the dead plain codes stay where they started", f"
 # (the bracket is zero), and its gradient with respect to z_e is the identity (the bracket's first term).
 
 # %%
-show_source(VectorQuantizer.forward)
+viz.show_source(VectorQuantizer.forward)
 
 # %% [markdown]
 # A check that this is exactly what happens: for an upstream gradient w (any tensor), the gradient that
@@ -193,7 +190,7 @@ assert torch.allclose(z.grad, expected, atol=1e-6)
 # Laplace-smoothed counts, so a rarely used code does not divide by zero), and the codebook loss is dropped.
 
 # %%
-show_source(VectorQuantizer._ema_update)
+viz.show_source(VectorQuantizer._ema_update)
 
 # %%
 viz.curves({"codebook loss": {"plain": (plain_hist["step"], plain_hist["codebook"])},
@@ -266,6 +263,166 @@ viz.curves({"codes used (toy, 32 codes)": {"plain VQ": (plain_hist["step"], plai
 # Perplexity is exp(entropy) of the code histogram: the number of equally used codes that would give the
 # same entropy. A collapsed codebook wastes capacity: with 13 codes in use out of 512 (one of the published
 # HipMRI runs), the model stores at most log2(13) = 3.7 bits per cell instead of 9.
+#
+# ## 6. Which fix does what: the three taken apart
+#
+# So far the three fixes came as one package. Taken apart on the toy of section 2, k-means initialisation
+# alone already puts every code on the data at step 0, so EMA and restarts have nothing left to do. But an
+# encoder's outputs do not sit still while it learns: they move, and they move most early in training. The
+# toy below makes that happen at once: a third of the way through, the ring of clusters jumps right and
+# doubles in size (the grey points show the ring before and after). We train every combination of the three
+# fixes on the same points for the same steps.
+
+# %%
+MOVE_AT = TOY_STEPS // 3
+moved = toy * 2.0 + torch.tensor([6.0, 0.0])  # the ring after the jump: twice as large, moved right
+moving_grid = moved.T.reshape(1, 2, -1, 1)
+FIXES = {"plain": {}, "k-means": {"init": "kmeans"}, "EMA": {"ema": True}, "restarts": {"restart": True},
+         "k-means + EMA": {"init": "kmeans", "ema": True}, "k-means + restarts": {"init": "kmeans", "restart": True},
+         "EMA + restarts": {"ema": True, "restart": True},
+         "all three": {"init": "kmeans", "ema": True, "restart": True}}
+moving = {}
+for name, fix in FIXES.items():
+    torch.manual_seed(SEED)
+    vq = VectorQuantizer(32, 2, **{"ema": False, "init": "uniform", "restart": False, **fix})
+    shots, hist = train_toy(vq, TOY_STEPS, snapshots=(0, MOVE_AT - 1, MOVE_AT + 5),
+                            points=lambda step: moving_grid if step >= MOVE_AT else as_grid)
+    vq.eval()
+    error = float(vq(moving_grid).commitment)  # mean squared distance of a moved point to its code
+    moving[name] = {"shots": shots, "codes": hist["active codes"][-1], "before": hist["active codes"][MOVE_AT - 1],
+                    "error": error, "restarts": vq.restarts_total}
+    print(f"{name:>18}: {moving[name]['before']:2d} codes used before the jump, {moving[name]['codes']:2d} at the "
+          f"end; squared error {error:.3f}; {vq.restarts_total} restarts")
+
+# %%
+viz.ablation(list(FIXES), {"codes used at the end (of 32)": [m["codes"] for m in moving.values()],
+                           "codes used before the jump": [m["before"] for m in moving.values()],
+                           "squared error at the end": [m["error"] for m in moving.values()]},
+             FIGS / "03_moving_toy.png", highlight="all three", formats={"squared error at the end": ".2f"})
+viz.toy_codebooks(torch.cat([toy, moved]).numpy(), {name: moving[name]["shots"] for name in
+                                                    ("k-means", "k-means + EMA", "all three")},
+                  FIGS / "03_moving_toy_codebooks.png");
+with_restarts = {name: m["codes"] for name, m in moving.items() if "restarts" in name or name == "all three"}
+without = {name: m["codes"] for name, m in moving.items() if name not in with_restarts}
+claims(moving["k-means"]["before"] == 32 and moving["k-means"]["codes"] < 32,
+       "k-means alone uses every code until the data moves, then loses codes",
+       f"{moving['k-means']['before']} before, {moving['k-means']['codes']} after")
+claims(min(with_restarts.values()) == 32 and max(without.values()) < 32,
+       "on the moving toy exactly the variants with restarts keep every code",
+       ", ".join(f"{name} {m['codes']}" for name, m in moving.items()))
+claims(moving["k-means + EMA"]["codes"] <= moving["k-means"]["codes"],
+       "EMA does not keep codes alive when the data moves",
+       f"k-means + EMA {moving['k-means + EMA']['codes']}, k-means {moving['k-means']['codes']}")
+restart_error = max(m["error"] for name, m in moving.items() if name in with_restarts)
+claims(restart_error < 0.2 * moving["k-means"]["error"],
+       "with restarts the squared error ends at least five times smaller than with k-means alone",
+       f"at most {restart_error:.3f} against {moving['k-means']['error']:.3f}")
+
+# %% [markdown]
+# K-means alone uses all 32 codes until the jump and then keeps only the few nearest the moved ring: like the
+# codebook loss it is paired with, it only ever moves codes that win points, and after the jump most win none.
+# EMA does no better: it too only averages the points a code wins, and it follows them more slowly than the
+# codebook loss does under Adam here. Restarts are what repairs it: every variant with restarts ends with all 32
+# codes in use and a squared error at least five times smaller than k-means alone. On the toy, then, k-means
+# is a good start and restarts are the repair; what EMA adds shows on slices.
+#
+# ### On slices
+#
+# The same eight variants, now inside the default VQ-VAE on phantom slices: notebook 04's demo budget (6
+# epochs over the first 480 training slices, 90 optimiser steps), everything else as the default recipe. These
+# are committed runs of `make sweeps` (`results/sweeps/`, each file with its command and code revision); the
+# cell after them trains one of them again, in full mode, to show the committed numbers are what the code gives.
+
+# %%
+collapse = sweeps.load_results(RESULTS, "collapse")
+if len(collapse) < len(sweeps.GROUPS["collapse"]):
+    raise FileNotFoundError(f"{RESULTS} lacks results of the collapse sweep: run `make sweeps`")
+ablation = {name: collapse[run]["test"] for name, run in zip(FIXES, (r.name for r in sweeps.GROUPS["collapse"]))}
+for name, t in ablation.items():
+    print(f"{name:>18}: {t['active_codes']:3d} of 512 codes on the test split (perplexity {t['perplexity']:5.1f}), "
+          f"{t['restarts']:4d} restarts, test SSIM {t['ssim_mean']:.3f}, PSNR {t['psnr_mean']:.2f} dB")
+viz.ablation(list(ablation), {"codes used (of 512)": [t["active_codes"] for t in ablation.values()],
+                              "perplexity": [t["perplexity"] for t in ablation.values()],
+                              "restarts": [t["restarts"] for t in ablation.values()],
+                              "test SSIM": [t["ssim_mean"] for t in ablation.values()]},
+             FIGS / "03_collapse_ablation.png", highlight="all three", formats={"perplexity": ".0f"});
+
+# %%
+same, evidence = sweeps.reproduce("plain", DATA, collapse["plain"], smoke=SMOKE)
+print(evidence)
+claims(same, "the committed plain run is what the code gives", evidence)
+
+# %% [markdown]
+# On slices the moving toy repeats itself. Without restarts no variant keeps more than a handful of its 512
+# codes, k-means initialisation included: it puts the codes on the untrained encoder's outputs at step 0, and
+# those move away as the encoder learns. Every variant with restarts keeps hundreds. But codes in use are not
+# a good model: restarts alone, with the codebook learned by the codebook loss, keep hundreds of codes and
+# reconstruct worst of all eight. With EMA, which sets each code to the running mean of the vectors it wins,
+# the same restarts score far higher. All three together give the best test SSIM and PSNR of the eight.
+
+# %%
+kept = {name: t["active_codes"] for name, t in ablation.items()}
+ssim_of = {name: t["ssim_mean"] for name, t in ablation.items()}
+revived = [name for name in ablation if "restarts" in name or name == "all three"]
+claims(max(kept[n] for n in ablation if n not in revived) <= 10 and min(kept[n] for n in revived) >= 100,
+       "without restarts no variant keeps more than a handful of codes, with restarts every one keeps hundreds",
+       ", ".join(f"{n} {kept[n]}" for n in ablation))
+claims(min(ssim_of, key=ssim_of.get) == "restarts" and ssim_of["EMA + restarts"] > ssim_of["restarts"] + 0.1,
+       "restarts alone reconstruct worst of all eight, and far better with EMA",
+       f"restarts {ssim_of['restarts']:.3f}, EMA + restarts {ssim_of['EMA + restarts']:.3f}")
+claims(max(ssim_of, key=ssim_of.get) == "all three"
+       and max(ablation, key=lambda n: ablation[n]["psnr_mean"]) == "all three",
+       "all three together give the best test SSIM and PSNR", f"SSIM {ssim_of['all three']:.3f}, PSNR "
+       f"{ablation['all three']['psnr_mean']:.2f} dB")
+#
+# ## 7. The commitment weight, and the scale it is weighed against
+#
+# The loss adds beta x commitment to the reconstruction error, so beta only means something next to the size
+# of that error. Our MSE is measured on intensities in [0, 1]; DeepMind's sonnet example divides it by the
+# variance of the training data first, which multiplies the reconstruction term by 1 / variance and so makes
+# the same beta weigh the commitment loss that many times less. Both scales, three betas each:
+
+# %%
+beta_runs = sweeps.load_results(RESULTS, "beta")
+variance = float(np.asarray(train.images[:sweeps.LIMIT]).var())
+print(f"variance of the training slices: {variance:.4f}, so dividing by it multiplies the MSE by {1 / variance:.1f}")
+betas = (0.05, 0.25, 1.0)
+by_scale = {scale: [beta_runs[f"beta{b:g}{suffix}"]["test"] for b in betas]
+            for scale, suffix in (("MSE", ""), ("MSE / variance", "_normalized"))}
+for scale, results in by_scale.items():
+    print(scale + ": " + ", ".join(f"beta {b:g}: SSIM {t['ssim_mean']:.3f}, commitment {t['train_commitment']:.2g}"
+                                    for b, t in zip(betas, results)))
+viz.curves({"test SSIM": {s: (betas, [t["ssim_mean"] for t in r]) for s, r in by_scale.items()},
+            "commitment loss (last epoch)": {s: (betas, [t["train_commitment"] for t in r]) for s, r in by_scale.items()},
+            "codes used": {s: (betas, [t["active_codes"] for t in r]) for s, r in by_scale.items()}},
+           FIGS / "03_beta.png", xlabel="beta", logx=True, logy=["commitment loss (last epoch)"]);
+
+# %% [markdown]
+# BETA_PROSE
+#
+# ## 8. How many codes, and how long
+#
+# The codebook size K and the code dimension D, again at the same budget (the default is K = 512, D = 64):
+
+# %%
+size_runs = sweeps.load_results(RESULTS, "size")
+ks = [int(n[1:]) for n in size_runs if n.startswith("K")]
+ds = [int(n[1:]) for n in size_runs if n.startswith("D")]
+by_k = [size_runs[f"K{k}"]["test"] for k in ks]
+by_d = [size_runs[f"D{d}"]["test"] for d in ds]
+for label, values, results in (("K", ks, by_k), ("D", ds, by_d)):
+    print(", ".join(f"{label} = {v}: {t['active_codes']} codes used, perplexity {t['perplexity']:.0f}, SSIM "
+                    f"{t['ssim_mean']:.3f}" for v, t in zip(values, results)))
+viz.curves({"codes used": {"used": (ks, [t["active_codes"] for t in by_k]), "available (K)": (ks, ks)},
+            "perplexity": {"perplexity": (ks, [t["perplexity"] for t in by_k])},
+            "test SSIM": {"SSIM": (ks, [t["ssim_mean"] for t in by_k])}},
+           FIGS / "03_codebook_size.png", xlabel="codebook size K", logx=True, logy=["codes used"]);
+viz.curves({"codes used (of 512)": {"used": (ds, [t["active_codes"] for t in by_d])},
+            "test SSIM": {"SSIM": (ds, [t["ssim_mean"] for t in by_d])}},
+           FIGS / "03_code_dimension.png", xlabel="code dimension D", logx=True);
+
+# %% [markdown]
+# SIZE_PROSE
 #
 # ## Checked claims
 #

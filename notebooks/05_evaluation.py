@@ -38,12 +38,15 @@ DEVICE = "auto"
 CHECKPOINT = "../checkpoints/default.pt"
 DEFAULT_8X_CHECKPOINT = "../checkpoints/default_8x.pt"
 SEED_CHECKPOINT = "../checkpoints/seed_8x.pt"
+PRIOR_CHECKPOINT = "../checkpoints/prior_8x.pt"
+RESULTS_DIR = "../results/sweeps"  # the committed results of `make sweeps`
 
 # %%
 from pathlib import Path
 
 DATA = Path(DATA_DIR)
 FIGS = Path(FIG_DIR)
+RESULTS = Path(RESULTS_DIR)
 
 # %%
 import platform
@@ -53,7 +56,7 @@ import torch
 from IPython.display import display
 
 import vqvae_lib
-from vqvae_lib import checkpoint, data, metrics, train, viz
+from vqvae_lib import checkpoint, data, metrics, prior, rate, readme, sweeps, train, viz
 from vqvae_lib.claims import Claims
 from vqvae_lib.explorer import CodebookExplorer, explorer_grid
 
@@ -255,6 +258,93 @@ explorer.figure(middle, common, FIGS / "05_explorer_code.png");
 # %%
 if INTERACTIVE:
     display(explorer.widget())
+
+# %% [markdown]
+# ## 6. What a slice costs, in bits, next to JPEG
+#
+# A VQ-VAE is a compressor: the code map is all the decoder needs. A map of h x w positions with K codes costs
+# h w log2 K bits stored as it is (**raw**). An entropy coder that knows how often each code occurs (the
+# frequencies over the training split, add-one smoothed) needs the map's negative log-likelihood under those
+# frequencies (**frequencies**), and one that predicts each code from the codes before it, like the PixelCNN prior
+# of notebook 06, its NLL under the prior (**prior**; for the 8x model, the one the committed prior models).
+
+# %%
+train_images = data.load_split(DATA, "train", progress=False).images
+bits, test_maps = {}, {}
+for name, path in models.items():
+    model, payload = checkpoint.load_model(path, map_location=device)
+    amp = train.checkpoint_precision(payload, device)
+    train_maps = prior.encode_maps(model, train_images, amp=amp)
+    test_maps[name] = prior.encode_maps(model, images, amp=amp)
+    k, shape = model.config.codebook_size, test_maps[name].shape[1:]
+    bits[name] = {"raw": rate.raw_bits(shape, k), "frequencies": float(
+        rate.bits_per_map(test_maps[name], rate.code_frequencies(train_maps, k)).mean())}
+pixel_prior, _ = prior.load_prior(PRIOR_CHECKPOINT, map_location=device)
+prior_nll = prior.map_nll(pixel_prior, test_maps["default recipe, 8x"],
+                          prior.position_bins(test, pixel_prior.config.positions))
+bits["default recipe, 8x"]["prior"] = rate.nats_to_bits_per_slice(float(prior_nll.mean()), shape)
+for name, b in bits.items():
+    print(f"{name}: " + ", ".join(f"{how} {v:,.0f} bits" for how, v in b.items()) + " per slice")
+
+# %% [markdown]
+# Classical codecs on the same test slices (8-bit grey images, whole files, headers included: about 170 bytes of
+# a JPEG are its header and tables), over a sweep of their quality settings: JPEG, WebP and JPEG 2000 (all from
+# Pillow). The VQ-VAE points are the committed, fully trained checkpoints (stars) and the short runs of `make
+# sweeps` at each grid and codebook size (notebook 04's demo budget; `results/sweeps/`), all at their frequency
+# rate.
+
+# %%
+codec_images = images[:8] if SMOKE else images
+curves = {codec: rate.codec_curve(codec_images, codec, rate.DEFAULT_QUALITIES[codec][::3 if SMOKE else 1])
+          for codec in rate.CODECS}
+swept = {**sweeps.load_results(RESULTS, "size"), **sweeps.load_results(RESULTS, "rd")}
+points = {}
+for name, r in swept.items():
+    if name.startswith("D"):
+        continue
+    grid = name.split("_")[0] if "x_" in name else "4x"
+    t = r["test"]
+    points.setdefault(f"VQ-VAE {grid}, short runs", []).append(
+        {"bits_per_slice": t["bits_frequencies"], "ssim": t["ssim_mean"], "psnr": t["psnr_mean"],
+         "label": f"K={t['codebook_size']}"})
+points["VQ-VAE, committed"] = [{"bits_per_slice": bits[n]["frequencies"], "ssim": results[n]["summary"]["ssim_mean"],
+                                "psnr": results[n]["summary"]["psnr_mean"], "label": label}
+                               for n, label in (("default", "4x"), ("default recipe, 8x", "8x"))]
+viz.rate_distortion(curves, points, FIGS / "05_rate_distortion.png");
+
+
+def codec_at(codec: str, bits_per_slice: float, metric: str) -> float | None:
+    """The codec's score at this rate, interpolated in log rate; None outside its sweep."""
+    x = np.log([p["bits_per_slice"] for p in curves[codec]])
+    y = [p[metric] for p in curves[codec]]
+    return float(np.interp(np.log(bits_per_slice), x, y)) if x[0] <= np.log(bits_per_slice) <= x[-1] else None
+
+
+print(f"{'':<30}{'bits':>8}{'SSIM':>7}{'JPEG there':>12}{'PSNR':>7}{'JPEG there':>12}")
+compared = []
+for group, group_points in points.items():
+    for p in group_points:
+        jpeg_ssim, jpeg_psnr = (codec_at("jpeg", p["bits_per_slice"], m) for m in ("ssim", "psnr"))
+        compared.append((group, p, jpeg_ssim, jpeg_psnr))
+        print(f"{group + ' ' + p['label']:<30}{p['bits_per_slice']:8,.0f}{p['ssim']:7.3f}"
+              f"{'below its range' if jpeg_ssim is None else f'{jpeg_ssim:.3f}':>12}{p['psnr']:7.2f}"
+              f"{'' if jpeg_psnr is None else f'{jpeg_psnr:.2f}':>12}")
+print(f"JPEG's lowest rate here: {curves['jpeg'][0]['bits_per_slice']:,.0f} bits per slice (quality "
+      f"{curves['jpeg'][0]['quality']:g})")
+at_rate = {"default": ("default", bits["default"]["frequencies"]),
+           "8x": ("default recipe, 8x", bits["default recipe, 8x"]["frequencies"]),
+           "8x_prior": ("default recipe, 8x", bits["default recipe, 8x"]["prior"])}
+saved = {"jpeg_min_bits": curves["jpeg"][0]["bits_per_slice"]}
+for key, (name, b) in at_rate.items():
+    saved.update({f"{key}_bits": b, f"{key}_ssim": results[name]["summary"]["ssim_mean"],
+                  f"{key}_raw_bits": bits[name]["raw"]})
+    for codec in rate.CODECS:
+        value = codec_at(codec, b, "ssim")
+        saved[f"{key}_{codec}_ssim"] = -1 if value is None else value  # -1: below the codec's lowest rate
+readme.save_results(FIGS / "05_results.json", saved)
+
+# %% [markdown]
+# RATE_PROSE
 
 # %% [markdown]
 # ## Checked claims

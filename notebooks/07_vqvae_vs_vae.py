@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 import vqvae_lib
-from vqvae_lib import checkpoint, data, metrics, prior, readme, train, vae, viz
+from vqvae_lib import checkpoint, data, metrics, prior, rate, readme, train, vae, viz
 from vqvae_lib.claims import Claims
 
 torch.manual_seed(SEED)
@@ -214,14 +214,86 @@ for name, images, own in (("VQ-VAE + prior", samples_vq, "VQ-VAE reconstructions
 shown = min(8, n_samples)
 viz.image_rows({"VQ-VAE + prior": list(samples_vq[:shown]), "VAE": list(samples_vae[:shown])}, None,
                FIGS / "07_samples.png");
-readme.save_results(FIGS / "07_results.json", {
+results_07 = {
     "vq_ssim": scores["VQ-VAE"][0].mean(), "vq_psnr": scores["VQ-VAE"][1].mean(),
     "vae_ssim": scores["VAE"][0].mean(), "vae_psnr": scores["VAE"][1].mean(),
     "hf_real": sharpness["real (test)"].mean(), "hf_vq_recon": sharpness["VQ-VAE recon"].mean(),
     "hf_vae_recon": sharpness["VAE recon"].mean(), "hf_vq_samples": metrics.high_frequency_share(samples_vq).mean(),
     "hf_vae_samples": metrics.high_frequency_share(samples_vae).mean(),
     "vq_in_range_real": in_range["VQ-VAE + prior"][0], "vq_in_range_own": in_range["VQ-VAE + prior"][1],
-    "vae_in_range_real": in_range["VAE"][0], "vae_in_range_own": in_range["VAE"][1]})
+    "vae_in_range_real": in_range["VAE"][0], "vae_in_range_own": in_range["VAE"][1]}
+
+# %% [markdown]
+# ## 5. Both as density models: rate, distortion and one ELBO
+#
+# A VQ-VAE is a VAE whose posterior q(z | x) is one-hot: all its mass sits on the encoder's nearest code at
+# every position. Its KL to a uniform prior over K codes is then log K per position, whatever the slice: a
+# constant, which is why the paper's loss leaves it out.
+
+# %%
+K = vq.config.codebook_size
+print(f"KL(one-hot || uniform over {K} codes) = {rate.one_hot_kl(K):.4f} nats; log {K} = {np.log(K):.4f}")
+claims(abs(rate.one_hot_kl(K) - np.log(K)) < 1e-6, "a one-hot posterior's KL to the uniform prior is log K",
+       f"{rate.one_hot_kl(K):.6f} against {np.log(K):.6f}")
+
+# %% [markdown]
+# With a prior p(z) in place of the uniform one, the one-hot posterior's KL is -log p(z) (its entropy is zero):
+# the prior's NLL of the code map, what the map costs to store (notebook 05, section 6). The Gaussian VAE's
+# rate is its KL to N(0, I). Both models then have a negative ELBO in the same units, nats per pixel:
+# distortion, the Gaussian decoder's NLL with its noise at the optimum (sigma^2 = MSE, so 0.5 log(2 pi e MSE)),
+# plus rate, the KL spread over the 256 x 128 pixels. For the VAE the distortion is that of a slice decoded from
+# a posterior sample, as the ELBO has it. Lower is the better density model of these slices; the intensities
+# are continuous, so these are densities and may be negative.
+
+# %%
+pixels = real.shape[1] * real.shape[2]
+vq_maps = prior.encode_maps(vq, real, amp=vq_amp)
+pixel_prior, _ = prior.load_prior(PRIOR_CHECKPOINT, map_location=device)
+positions = vq_maps.shape[1] * vq_maps.shape[2]
+train_maps = prior.encode_maps(vq, train_images, amp=vq_amp)
+vq_rates = {  # nats per slice
+    "VQ-VAE, uniform prior": positions * np.log(K),
+    "VQ-VAE, code frequencies": np.log(2) * rate.bits_per_map(vq_maps, rate.code_frequencies(train_maps, K)).mean(),
+    "VQ-VAE + PixelCNN prior": positions * prior.map_nll(
+        pixel_prior, vq_maps, prior.position_bins(test, pixel_prior.config.positions)).mean()}
+vq_mse = float(((vq_recon - real) ** 2).mean())
+torch.manual_seed(SEED)
+with torch.no_grad():  # the VAE's distortion with z drawn from the posterior, as in its ELBO
+    x = torch.from_numpy(np.array(real))[:, None].to(device)
+    vae_mse = float(sum(((gauss(x[i:i + 32], sample=True).recon.float().clamp(0, 1) - x[i:i + 32]) ** 2).sum()
+                        for i in range(0, len(x), 32)) / x.numel())
+vae_kl = np.log(2) * rate.vae_kl_bits(gauss, real).mean()
+elbo = {name: rate.neg_elbo_per_pixel(vq_mse, r, pixels) for name, r in vq_rates.items()}
+elbo["Gaussian VAE"] = rate.neg_elbo_per_pixel(vae_mse, vae_kl, pixels)
+print(f"{'':<26}{'distortion':>12}{'rate':>10}{'-ELBO':>10}   nats per pixel; rate in bits per slice")
+for name, e in elbo.items():
+    print(f"{name:<26}{e['distortion']:12.3f}{e['rate']:10.4f}{e['total']:10.3f}   "
+          f"{e['rate'] * pixels / np.log(2):9,.0f} bits")
+
+# %% [markdown]
+# The VAE has the smaller distortion and pays for it with the larger rate: its KL costs about three times the
+# bits of the VQ-VAE's map under the prior. Which is the better density model depends on the VQ-VAE's prior.
+# Under the uniform prior its bound is a little worse than the VAE's, under the code frequencies about equal,
+# and with the PixelCNN prior of notebook 06 it is the better density model of these slices, by a margin
+# larger than all the others' differences. A VQ-VAE is only as good a model of the data as the prior over its
+# codes; training the prior is not an afterthought but half the model.
+
+# %%
+vq_best, vae_elbo = elbo["VQ-VAE + PixelCNN prior"], elbo["Gaussian VAE"]
+claims(vae_elbo["distortion"] < vq_best["distortion"] and vae_elbo["rate"] > 2 * vq_best["rate"],
+       "the VAE has the smaller distortion and more than twice the rate of the VQ-VAE with its prior",
+       f"distortion {vae_elbo['distortion']:.3f} against {vq_best['distortion']:.3f}, rate "
+       f"{vae_elbo['rate']:.4f} against {vq_best['rate']:.4f} nats per pixel")
+claims(elbo["VQ-VAE, uniform prior"]["total"] > vae_elbo["total"] > vq_best["total"]
+       and abs(elbo["VQ-VAE, code frequencies"]["total"] - vae_elbo["total"]) < 0.01
+       and vae_elbo["total"] - vq_best["total"] > elbo["VQ-VAE, uniform prior"]["total"] - vae_elbo["total"],
+       "with the uniform prior the VQ-VAE's bound is worse than the VAE's, with the frequencies about equal, with "
+       "the PixelCNN prior it is the best by the widest margin",
+       ", ".join(f"{name} {e['total']:.3f}" for name, e in elbo.items()))
+for key, name in (("uniform", "VQ-VAE, uniform prior"), ("frequencies", "VQ-VAE, code frequencies"),
+                  ("prior", "VQ-VAE + PixelCNN prior"), ("vae", "Gaussian VAE")):
+    results_07.update({f"elbo_{key}_{part}": value for part, value in elbo[name].items()})
+readme.save_results(FIGS / "07_results.json", results_07)
 
 # %% [markdown]
 # ## Checked claims

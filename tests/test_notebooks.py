@@ -14,13 +14,16 @@ FIGURES = {
     "01": ["01_split_counts.png", "01_patient_splits.png", "01_shape_policy.png", "01_intensity_histograms.png",
            "01_scan_montage.png", "01_slices_and_labels.png", "01_label_shares.png"],
     "02": ["02_receptive_fields.png", "02_latent_grids.png"],
-    "03": ["03_toy_codebooks.png", "03_loss_terms.png", "03_codebook_usage.png"],
+    "03": ["03_toy_codebooks.png", "03_loss_terms.png", "03_codebook_usage.png", "03_moving_toy.png",
+           "03_moving_toy_codebooks.png", "03_collapse_ablation.png", "03_beta.png", "03_codebook_size.png",
+           "03_code_dimension.png"],
     "04": ["04_training_curves.png", "04_reconstructions.png"],
     "05": ["05_metric_distributions.png", "05_per_scan.png", "05_best_worst.png", "05_code_usage.png",
-           "05_explorer.png", "05_explorer_code.png"],
+           "05_explorer.png", "05_explorer_code.png", "05_rate_distortion.png"],
     "06": ["06_index_maps.png", "06_causality.png", "06_prior_curves.png", "06_samples.png",
            "06_nearest_neighbours.png", "06_sample_stats.png"],
     "07": ["07_vae_curves.png", "07_reconstructions.png", "07_sharpness.png", "07_samples.png"],
+    "08": ["08_rotation_trick.png", "08_fsq_grid.png", "08_quantizers.png"],
 }
 
 
@@ -123,6 +126,10 @@ def test_03_straight_through_check_and_collapse(executed):
     assert "straight-through: max |dL/dz - w| = 0.0" in text
     assert "with commitment: max |dL/dz - expected| = 0.0" in text
     assert "plain VQ:" in text and "of 128 codes used on the validation split" in text
+    # every combination of the three fixes on the moving toy, and the committed slice runs with one rerun
+    assert text.count("codes used before the jump") == 8
+    assert text.count("of 512 codes on the test split") == 8
+    assert "plain, trained again here:" in text and "(committed: " in text
 
 
 def test_04_trains_resumes_and_reads_the_committed_checkpoint(executed):
@@ -136,6 +143,9 @@ def test_05_scores_both_models_next_to_the_baseline(executed):
     text = _text(executed[0]["05"])
     for row in ("default", "default recipe, 8x", "seed recipe, 8x", "mean-image baseline"):
         assert row in text
+    # the rate of both committed grids, 4x: 64 x 32 positions x 9 bits raw
+    assert "default: raw 18,432 bits, frequencies" in text and "prior" in text
+    assert "JPEG's lowest rate here:" in text
 
 
 def test_06_checks_causality_and_scores_samples(executed):
@@ -155,3 +165,21 @@ def test_07_compares_the_two_models(executed):
     for name in ("VQ-VAE  test SSIM", "VAE     test SSIM", "VAE recon      high-frequency share",
                  "VQ-VAE + prior  samples with all four statistics in range:"):
         assert name in text
+
+
+def test_07_puts_both_models_on_one_elbo(executed):
+    text = _text(executed[0]["07"])
+    assert "KL(one-hot || uniform over 512 codes) = 6.2383 nats; log 512 = 6.2383" in text
+    for row in ("VQ-VAE, uniform prior", "VQ-VAE, code frequencies", "VQ-VAE + PixelCNN prior", "Gaussian VAE"):
+        assert row in text
+    assert "4,608 bits" in text  # 32 x 16 positions x 9 bits: the uniform prior's rate
+
+
+def test_08_builds_each_quantizer_and_compares_them(executed):
+    text = _text(executed[0]["08"])
+    assert "straight-through: forward value equals e: True; step lengths 0.500..0.500" in text
+    assert "rotation trick: forward value equals e: True" in text
+    assert "codes unchanged when the vectors are tripled: cosine 100 %" in text
+    assert "40 codes, 40 distinct grid points; index -> code -> index exact: True" in text
+    for row in ("default (vq)", "rotation trick", "cosine, 8 dims", "FSQ 8 x 8 x 8", "fsq, trained again here:"):
+        assert row in text

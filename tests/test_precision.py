@@ -227,13 +227,17 @@ def test_a_checkpoint_from_before_the_precision_setting_loads_as_auto(tmp_path):
 
 
 def test_an_older_run_resumes_as_auto(few_slices, tmp_path):
-    """A run whose last.pt predates `precision` (no field in its config, records or payload) resumes as "auto"
-    and continues exactly as the run would have."""
+    """A run whose last.pt predates `precision` (no field in its config, records or payload), `normalize_mse`
+    and the quantizer fields resumes as "auto", the paper's quantizer, and continues exactly as the run would
+    have."""
     config = T.make_config("seed", **TINY, epochs=2)
     straight = T.train(few_slices, tmp_path / "straight", config, progress=False)
     T.train(few_slices, tmp_path / "old", T.make_config(**{**config.to_dict(), "epochs": 1}), progress=False)
     last = load_checkpoint(tmp_path / "old" / "last.pt")
     del last["precision"], last["train_config"]["precision"], last["history"][0]["precision"]
+    del last["train_config"]["normalize_mse"]
+    for key in ("quantizer", "lookup_dim", "fsq_levels"):
+        del last["model_config"][key], last["train_config"]["model"][key]
     save_checkpoint(tmp_path / "old" / "last.pt", last)
     resumed = T.train(few_slices, tmp_path / "old", config, resume=True, progress=False)
     assert untimed(resumed[1:]) == untimed(straight[1:]) and resumed[1]["precision"] == "fp32"

@@ -39,3 +39,5 @@ def test_the_readme_names_every_notebooks_parameters(tmp_path):
     text = " ".join(readme.README.read_text().split())
     assert "04 to 07 also have `DEVICE`" in text and {n for n, d in declared.items() if "DEVICE" in d} == {"04", "05", "06", "07"}
     assert "04, 06 and 07 `TRAIN`" in text and {n for n, d in declared.items() if "TRAIN" in d} == {"04", "06", "07"}
+    assert "03, 05 and 08 `RESULTS_DIR`" in text
+    assert {n for n, d in declared.items() if "RESULTS_DIR" in d} == {"03", "05", "08"}

@@ -72,13 +72,17 @@ def _checkpoints(args: argparse.Namespace) -> int:
 
 
 def _sweeps(args: argparse.Namespace) -> int:
-    from . import runner, sweeps, tasks
+    from . import readme, runner, sweeps, tasks
     data_dir = args.data_dir.resolve() if args.data_dir else tasks.DEFAULT_PHANTOM
     tasks.ensure_phantom(data_dir)
-    written = sweeps.run_sweeps(data_dir, (args.runs or runner.in_repo("build/sweeps")).resolve(),
-                                (args.out or runner.in_repo(sweeps.RESULTS)).resolve(), groups=args.only,
-                                device=args.device)
+    out = (args.out or runner.in_repo(sweeps.RESULTS)).resolve()
+    written = sweeps.run_sweeps(data_dir, (args.runs or runner.in_repo("build/sweeps")).resolve(), out,
+                                groups=args.only, device=args.device)
     print(f"{len(written)} result files written; every run of {', '.join(args.only or sweeps.GROUPS)} is done")
+    if out == runner.in_repo(sweeps.RESULTS).resolve() and all((out / f"{r.name}.json").is_file()
+                                                               for r in sweeps.runs_of()):
+        readme.write_block("sweeps", readme.expected_block("sweeps"))
+        print(f"updated the sweeps' results in {readme.README}")
     return 0
 
 

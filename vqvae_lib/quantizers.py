@@ -147,9 +147,14 @@ class FiniteScalarQuantizer(nn.Module):
         """Always 0: a fixed grid has no dead codes to restart."""
         return 0
 
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        """Squash each channel into its interval: z (N, d) -> (N, d), channel i in about [-(L-1)/2, (L-1)/2]
+        (shifted by -1/2 for even L), so that rounding gives exactly levels[i] integers."""
+        return torch.tanh(z + self._shift) * self._half_l - self._offset
+
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """Bound, round (straight-through) and scale: z (N, d) -> codes (N, d), channel i in [-1, 1] on its grid."""
-        bounded = torch.tanh(z + self._shift) * self._half_l - self._offset
+        bounded = self.bound(z)
         rounded = bounded + (bounded.round() - bounded).detach()  # value: the integer; gradient: the identity
         return rounded / self._half_width
 

@@ -1,7 +1,8 @@
 """The README's generated blocks: numbers a command measured, written between markers so that they cannot drift.
 
-`make checkpoints` writes the "checkpoints" block from checkpoints/MANIFEST.json; `make figures` writes the
-"generation" block from the results notebooks 06 and 07 save (figures/06_results.json, figures/07_results.json).
+`make checkpoints` writes the "checkpoints" block from checkpoints/MANIFEST.json; `make sweeps` the "sweeps" block
+from results/sweeps/; `make figures` the "generation" and "rate" blocks from the results notebooks 05, 06 and 07
+save (figures/NN_results.json).
 `tests/test_readme.py` checks that the README holds exactly what those files give.
 """
 
@@ -18,6 +19,8 @@ from .runner import REPO
 
 README = REPO / "README.md"
 SOURCES = {"checkpoints": "`make checkpoints` from checkpoints/MANIFEST.json",
+           "sweeps": "`make sweeps` from results/sweeps/",
+           "rate": "`make figures` from figures/05_results.json and figures/07_results.json",
            "generation": "`make figures` from figures/06_results.json and figures/07_results.json"}
 
 
@@ -128,10 +131,82 @@ def generation_markdown(prior: dict[str, Any], vae: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def sweeps_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """The `sweeps` block: the test scores of every run of `make sweeps` (results: run name -> result file)."""
+    from .sweeps import GROUPS, _SAME
+
+    def row(label: str, name: str, *cells: str) -> str:
+        t = results[_SAME.get(name, name)]["test"]
+        return (f"| {label} | " + "".join(f"{c} | " for c in cells) + f"{t['active_codes']} ({t['perplexity']:.0f}) "
+                f"| {t['ssim_mean']:.3f} | {t['psnr_mean']:.2f} | {t['bits_frequencies']:,.0f} |")
+
+    head = "codes used (perplexity) | test SSIM | PSNR (dB) | bits per slice |"
+    lines = ["What cures codebook collapse (notebook 03): each fix alone and combined.", "",
+             f"| k-means init, EMA, restarts | restarts | {head}", "|---|---|---|---|---|---|"]
+    for run in GROUPS["collapse"]:
+        lines.append(row(run.name.replace("+", " + "), run.name,
+                         str(results[_SAME.get(run.name, run.name)]["test"]["restarts"])))
+    lines += ["", "The commitment weight beta against the MSE as it is and divided by the training slices' variance "
+              "(notebook 03).", "", f"| beta | MSE | {head}", "|---|---|---|---|---|---|"]
+    for run in GROUPS["beta"]:
+        normalized = run.name.endswith("_normalized")
+        lines.append(row(run.name.removeprefix("beta").removesuffix("_normalized"), run.name,
+                         "/ variance" if normalized else "as it is"))
+    lines += ["", "Grid, codebook size K and code dimension D (notebooks 03 and 05; bits per slice under the "
+              "training split's code frequencies).", "", f"| run | grid | K | D | {head}", "|---|---|---|---|---|---|---|---|"]
+    for run in GROUPS["size"] + GROUPS["rd"]:
+        model = results[_SAME.get(run.name, run.name)]["train_config"]["model"]
+        lines.append(row(run.name, run.name, f"{model['downsample']}x", str(model["codebook_size"]),
+                         str(model["embed_dim"])))
+    lines += ["", "Quantizers beyond the paper (notebook 08), 512 codes each.", "",
+              f"| quantizer | training images/s | {head}", "|---|---|---|---|---|---|"]
+    for name in ("default", *(run.name for run in GROUPS["quantizers"])):
+        t = results[name]["test"]
+        lines.append(row("vq (default)" if name == "default" else results[name]["train_config"]["model"]["quantizer"],
+                         name, f"{t['images_per_s_median']:.1f}"))
+    revisions = sorted({r["code_revision"][:12] for r in results.values()})
+    machine = next(iter(results.values()))["machine"]
+    minutes = sum(r["test"]["train_seconds"] for r in results.values()) / 60
+    lines += ["", f"{len(results)} runs of {results['default']['train_config']['epochs']} epochs over "
+              f"{results['default']['train_config']['limit']} training slices each, at code revision"
+              f"{'s' * (len(revisions) > 1)} {', '.join(f'`{r}`' for r in revisions)}, on {machine['cpus']} CPUs "
+              f"({machine['device']}): {minutes:.0f} min of training in all."]
+    return "\n".join(lines) + "\n"
+
+
+def rate_markdown(evaluation: dict[str, Any], vae: dict[str, Any]) -> str:
+    """The `rate` block: bits per slice next to the codecs (notebook 05) and both models' ELBO (notebook 07)."""
+    def codec(key: str, name: str) -> str:
+        value = evaluation[f"{key}_{name}_ssim"]
+        return "below its lowest rate" if value < 0 else f"{value:.3f}"
+
+    rows = ["| model, rate counted as | bits per slice (raw) | test SSIM | JPEG | WebP | JPEG 2000 |",
+            "|---|---|---|---|---|---|"]
+    for key, label in (("default", "`default.pt` (4x), code frequencies"),
+                       ("8x", "`default_8x.pt`, code frequencies"), ("8x_prior", "`default_8x.pt`, PixelCNN prior")):
+        rows.append(f"| {label} | {evaluation[f'{key}_bits']:,.0f} ({evaluation[f'{key}_raw_bits']:,.0f}) "
+                    f"| {evaluation[f'{key}_ssim']:.3f} | " + " | ".join(codec(key, c) for c in
+                                                                         ("jpeg", "webp", "jpeg2000")) + " |")
+    rows += ["", f"The codecs' columns give their test SSIM at the same rate (JPEG's smallest file here: "
+             f"{evaluation['jpeg_min_bits']:,.0f} bits per slice, at quality 1).", "",
+             "| negative ELBO, nats per pixel (notebook 07) | distortion | rate | total |", "|---|---|---|---|"]
+    for key, label in (("uniform", "VQ-VAE (`default_8x.pt`), uniform prior"),
+                       ("frequencies", "VQ-VAE, code frequencies"), ("prior", "VQ-VAE + PixelCNN prior (`prior_8x.pt`)"),
+                       ("vae", "Gaussian VAE (`vae_8x.pt`)")):
+        rows.append(f"| {label} | {vae[f'elbo_{key}_distortion']:.3f} | {vae[f'elbo_{key}_rate']:.4f} "
+                    f"| {vae[f'elbo_{key}_total']:.3f} |")
+    return "\n".join(rows) + "\n"
+
+
 def expected_block(block: str, repo: Path = REPO) -> str:
     """What `block` must hold, from the files its command wrote."""
     if block == "checkpoints":
         return checkpoints_markdown(json.loads((repo / "checkpoints" / "MANIFEST.json").read_text()))
+    if block == "sweeps":
+        return sweeps_markdown({p.stem: json.loads(p.read_text()) for p in sorted((repo / "results" / "sweeps").glob("*.json"))})
     figures = repo / "figures"
+    if block == "rate":
+        return rate_markdown(json.loads((figures / "05_results.json").read_text()),
+                             json.loads((figures / "07_results.json").read_text()))
     return generation_markdown(json.loads((figures / "06_results.json").read_text()),
                                json.loads((figures / "07_results.json").read_text()))

@@ -52,7 +52,7 @@ RUN_OUTPUTS = (*RUN_FILES, "metrics.csv", "config.json", "maps_*")
 RESUME_MAY_CHANGE = ("epochs", "device")  # what a resumed run may ask for differently
 RESUME_STATE = ("optimizer_state", "scheduler_state", "rng")
 SCALER_STATE = "scaler_state"  # last.pt of an fp16 run also holds its GradScaler's state (`fit`)
-CONFIG_DEFAULTS = {"precision": "auto", "normalize_mse": False}  # what a train config saved without these fields meant
+CONFIG_DEFAULTS = {"precision": "auto", "normalize_mse": False}  # what a run config saved without them meant
 # ... and a model config (VQ-VAE and VAE) saved before the quantizer could be chosen
 MODEL_DEFAULTS = {"quantizer": "vq", "lookup_dim": 8, "fsq_levels": [8, 5, 5, 5]}
 DATA_OPTIONS = {"shape_policy": "crop", "normalization": "percentile", "cache": True}  # load_split's defaults
@@ -325,16 +325,20 @@ def claim(out_dir: str | Path, kind: str, train_config: dict[str, Any], model_co
                 out_dir.rmdir()  # only if empty
 
 
+def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """A config saved before some fields existed, with their defaults where the requested config has them."""
+    return {**{k: v for k, v in defaults.items() if k in wanted}, **saved}
+
+
 def _resume_payload(out_dir: Path, kind: str, train_config: dict[str, Any], model_config: dict[str, Any]
                     ) -> dict[str, Any] | None:
     if not (out_dir / "last.pt").exists():
         log.warning("%s has no finished epoch to resume: starting from scratch", out_dir)
         return None
     payload = load_resume(out_dir, kind)
-    diff = config_diff({**CONFIG_DEFAULTS, **payload["train_config"]}, train_config,
+    diff = config_diff(_with_defaults(payload["train_config"], CONFIG_DEFAULTS, train_config), train_config,
                        ignore=RESUME_MAY_CHANGE + ("model",))
-    saved_model = {**{k: v for k, v in MODEL_DEFAULTS.items() if k in model_config}, **payload["model_config"]}
-    diff += config_diff(saved_model, model_config)
+    diff += config_diff(_with_defaults(payload["model_config"], MODEL_DEFAULTS, model_config), model_config)
     if diff:
         raise CheckpointError(f"cannot resume from {out_dir / 'last.pt'}: the requested config differs from the "
                               f"run's (only epochs and device may change): {'; '.join(diff)}")

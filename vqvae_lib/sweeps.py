@@ -193,3 +193,18 @@ def rerun(name: str, data_dir: str | Path, runs: str | Path, *, device: str = "a
     if code:
         raise RuntimeError(f"rerun of {name}: `{retrain.shown_command(words)}` failed with exit code {code}")
     return measure(folder / "last.pt", Path(data_dir), device)
+
+
+def reproduce(name: str, data_dir: str | Path, committed: dict[str, Any], *, smoke: bool = False,
+              device: str = "cpu") -> tuple[bool, str]:
+    """Train the sweep run `name` again in a temporary folder (smoke: 16 slices, 1 epoch) and compare its test
+    scores with its committed result: (whether SSIM agrees to 0.01 and the codes used to a tenth, a sentence
+    saying both)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        again = rerun(name, data_dir, folder, device=device, **({"limit": 16, "epochs": 1} if smoke else {}))
+    before = committed["test"]
+    same = (abs(again["ssim_mean"] - before["ssim_mean"]) < 0.01
+            and abs(again["active_codes"] - before["active_codes"]) <= max(2, before["active_codes"] // 10))
+    return same, (f"{name}, trained again here: {again['active_codes']} codes, test SSIM {again['ssim_mean']:.4f} "
+                  f"(committed: {before['active_codes']} codes, {before['ssim_mean']:.4f})")

@@ -469,3 +469,58 @@ def ablation(variants: Sequence[str], metrics: Mapping[str, Sequence[float]], pa
     axes[0, 0].invert_yaxis()
     fig.tight_layout()
     return save(fig, path)
+
+
+def gradient_fields(points: np.ndarray, code: np.ndarray, steps: Mapping[str, np.ndarray], path: str | Path | None
+                    ) -> plt.Figure:
+    """Where a gradient step moves encoder outputs quantised to one code, one panel per estimator.
+
+    points: (N, 2) encoder outputs z; code: (2,) their code e; steps: {estimator: (N, 2) update of each z (minus
+    its gradient)}. The axes are shared and equal, so directions and lengths compare across panels."""
+    fig, axes = plt.subplots(1, len(steps), figsize=(3.4 * len(steps), 3.4), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, (name, step) in zip(axes[0], steps.items()):
+        ax.quiver(points[:, 0], points[:, 1], step[:, 0], step[:, 1], angles="xy", scale_units="xy", scale=1,
+                  color="#264653", width=0.006)
+        ax.scatter(*points.T, s=14, color="#2a9d8f", label="encoder outputs z", zorder=3)
+        ax.scatter(*code, s=70, marker="*", color="#e76f51", label="their code e", zorder=4)
+        ax.plot([0], [0], "k+", ms=8)
+        ax.set_aspect("equal")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("dimension 1")
+    axes[0, 0].set_ylabel("dimension 2")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=2, frameon=False)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def fsq_grid(levels: Sequence[int], bound: np.ndarray, inputs: np.ndarray, path: str | Path | None) -> plt.Figure:
+    """FSQ in two channels: the bounding curve of each channel and the grid of codes it rounds to.
+
+    levels: the two channels' numbers of values; inputs: (M,) channel inputs; bound: (2, M) each channel's bounded
+    value there (before rounding)."""
+    fig, (curve, grid) = plt.subplots(1, 2, figsize=(8.0, 3.4))
+    for i, (level, colour) in enumerate(zip(levels, ("#264653", "#e76f51"))):
+        curve.plot(inputs, bound[i], color=colour, lw=1.6, label=f"channel {i + 1}: {level} levels")
+        curve.plot(inputs, np.round(bound[i]), color=colour, lw=1.0, ls="--")
+    curve.set_xlabel("channel input")
+    curve.set_ylabel("bounded (solid) and rounded (dashed)")
+    curve.legend(frameon=False, fontsize=8)
+    xs, ys = (np.arange(level) - level // 2 for level in levels)  # integer values of each channel
+    gx, gy = np.meshgrid(xs / (levels[0] // 2), ys / (levels[1] // 2))
+    grid.scatter(gx.ravel(), gy.ravel(), s=22, color="#2a9d8f")
+    grid.set_xlabel("channel 1 code value")
+    grid.set_ylabel("channel 2 code value")
+    grid.set_title(f"{levels[0]} x {levels[1]} = {levels[0] * levels[1]} codes", fontsize=10)
+    grid.set_aspect("equal")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def show_source(obj) -> None:
+    """Display the source of a library function or class, highlighted (plain text outside a notebook)."""
+    import inspect
+
+    from IPython.display import Code, display
+    display(Code(inspect.getsource(obj), language="python"))
