@@ -7,7 +7,7 @@
 #   make bench     benchmark data loading, training and evaluation on the full-size phantom
 #   make checkpoints  retrain every committed checkpoint from the current code (resumable; about an hour on
 #                  a 2-core CPU) and write checkpoints/MANIFEST.json
-#   make sweeps    the short runs behind notebooks 03, 05 and 08 (resumable; a few hours on a 2-core CPU), one
+#   make sweeps    the short runs behind notebooks 03, 05 and 08 (resumable; about an hour on a 2-core CPU), one
 #                  result JSON per run in results/sweeps/
 #   make ipynb     regenerate the published notebooks in colab/
 PYTHON ?= python3

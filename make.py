@@ -9,7 +9,7 @@ macOS need no `make`). Each sets up .venv first, if it is missing or older than 
     python make.py explorer    the codebook explorer as a web page on 127.0.0.1
     python make.py bench       the benchmarks on the full-size phantom (--device cuda on a GPU)
     python make.py checkpoints retrain every committed checkpoint (resumable; about an hour on a 2-core CPU)
-    python make.py sweeps      the short runs behind notebooks 03, 05 and 08 (resumable; a few hours on a CPU)
+    python make.py sweeps      the short runs behind notebooks 03, 05 and 08 (resumable; about an hour on a CPU)
     python make.py ipynb       regenerate the published notebooks in colab/
     python make.py lock        rewrite constraints.txt from .venv (after changing pyproject.toml)
 """

@@ -401,3 +401,26 @@ def test_vae_and_prior_pass_precision_and_config_files_on(command, odd_files, tm
                                              'resume = "auto"\n' + 'checkpoint = "C"\n' * (command == "prior"))
     assert main([command, "--config", str(toml), "--precision", "bf16"]) == 0
     assert (seen["config"].precision, seen["config"].epochs, seen["resume"]) == ("bf16", 2, False)
+
+
+def test_train_takes_the_quantizer_and_codebook_from_the_command_line(tiny_phantom, tmp_path, capsys):
+    base = ["train", "--data-dir", str(tiny_phantom), "--limit", "4", "--epochs", "1", "--downsample", "16",
+            "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "fsq"), "--quantizer", "fsq", "--fsq-levels", "4,4"]) == 0
+    model = load_checkpoint(tmp_path / "fsq" / "last.pt")["model_config"]
+    assert (model["quantizer"], model["fsq_levels"], model["codebook_size"]) == ("fsq", [4, 4], 16)
+    assert main([*base, "--out", str(tmp_path / "plain"), "--no-ema", "--init", "uniform", "--no-restart",
+                 "--beta", "1", "--codebook-size", "32", "--embed-dim", "8", "--normalize-mse"]) == 0
+    saved = load_checkpoint(tmp_path / "plain" / "last.pt")["train_config"]
+    assert saved["normalize_mse"] is True
+    assert {k: saved["model"][k] for k in ("ema", "init", "restart", "beta", "codebook_size", "embed_dim")} == \
+        {"ema": False, "init": "uniform", "restart": False, "beta": 1.0, "codebook_size": 32, "embed_dim": 8}
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "bad"), "--quantizer", "fsq", "--codebook-size", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "codebook_size 100 does not match fsq_levels 8x5x5x5 = 1000 codes: set codebook_size to 1000" in err
+    assert "Traceback" not in err and not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--out", str(tmp_path / "bad"), "--fsq-levels", "8,x"])
+    assert exit_info.value.code == 2 and "must be whole numbers >= 2 separated by commas, got '8,x'" in \
+        capsys.readouterr().err

@@ -41,3 +41,23 @@ def test_patient_splits_grid_marks_a_scan_in_two_splits_red():
     plt.close(fig)
     assert colours[int(grid[0, 1])] == "#d00000"  # case 004 week 1 is in both splits
     assert colours[int(grid[0, 0])] == viz.SPLIT_COLOURS["train"]
+
+
+def test_ablation_labels_every_bar_and_marks_the_highlighted_variant(tmp_path):
+    fig = viz.ablation(["plain", "all three"], {"codes": [2, 325], "SSIM": [0.526, 0.592], "bits": [1982.4, 14638.0]},
+                       tmp_path / "a.png", highlight="all three", formats={"bits": ",.0f"}, ncols=2)
+    axes = [ax for ax in fig.axes if ax.patches]
+    assert [ax.get_title() for ax in axes] == ["codes", "SSIM", "bits"] and (tmp_path / "a.png").is_file()
+    assert [t.get_text() for t in axes[2].texts] == ["1,982", "14,638"]
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["plain", "all three"]
+    plain, best = axes[1].patches
+    assert plain.get_facecolor() != best.get_facecolor() and best.get_width() == 0.592
+    plt.close(fig)
+
+
+def test_fsq_grid_draws_every_code(tmp_path):
+    inputs = np.linspace(-3, 3, 50)
+    fig = viz.fsq_grid([4, 3], np.stack([np.tanh(inputs) * 1.5, np.tanh(inputs)]), inputs, tmp_path / "f.png")
+    grid = fig.axes[1]
+    assert grid.get_title() == "4 x 3 = 12 codes" and len(grid.collections[0].get_offsets()) == 12
+    plt.close(fig)

@@ -612,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_checkpoints)
 
     p = sub.add_parser("sweeps", help="the short runs behind notebooks 03, 05 and 08, resumably; one result JSON "
-                                     "per run (a few hours on a 2-core CPU)")
+                                     "per run (about an hour on a 2-core CPU)")
     p.add_argument("--data-dir", type=Path, help="the data (default: data/phantom in the repository, written if "
                                                  "absent)")
     p.add_argument("--runs", type=Path, help="the run folders, resumed when rerun (default: build/sweeps/ in the "
@@ -659,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--beta", type=_non_negative_float,
                    help=f"weight of the commitment loss ({_default_text(presets, 'beta')})")
     q.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"learn the codebook by moving averages, not the codebook loss ({_default_text(presets, 'ema')})")
+                   help="learn the codebook by moving averages, not the codebook loss "
+                        f"({_default_text(presets, 'ema')})")
     q.add_argument("--init", choices=INITS, help=f"codebook initialisation ({_default_text(presets, 'init')})")
     q.add_argument("--restart", action=argparse.BooleanOptionalAction, default=None,
                    help=f"re-set dead codes to encoder outputs ({_default_text(presets, 'restart')})")

@@ -1,7 +1,7 @@
 """The README's generated blocks: numbers a command measured, written between markers so that they cannot drift.
 
 `make checkpoints` writes the "checkpoints" block from checkpoints/MANIFEST.json; `make sweeps` the "sweeps" block
-from results/sweeps/; `make figures` the "generation" and "rate" blocks from the results notebooks 05, 06 and 07
+from results/sweeps/; `make figures` the "science" and "generation" blocks from the results notebooks 05 to 08
 save (figures/NN_results.json).
 `tests/test_readme.py` checks that the README holds exactly what those files give.
 """
@@ -20,7 +20,7 @@ from .runner import REPO
 README = REPO / "README.md"
 SOURCES = {"checkpoints": "`make checkpoints` from checkpoints/MANIFEST.json",
            "sweeps": "`make sweeps` from results/sweeps/",
-           "rate": "`make figures` from figures/05_results.json and figures/07_results.json",
+           "science": "`make figures` from figures/05_results.json, 07_results.json and 08_results.json",
            "generation": "`make figures` from figures/06_results.json and figures/07_results.json"}
 
 
@@ -142,9 +142,11 @@ def sweeps_markdown(results: dict[str, dict[str, Any]]) -> str:
 
     head = "codes used (perplexity) | test SSIM | PSNR (dB) | bits per slice |"
     lines = ["What cures codebook collapse (notebook 03): each fix alone and combined.", "",
-             f"| k-means init, EMA, restarts | restarts | {head}", "|---|---|---|---|---|---|"]
+             f"| fixes | restarts | {head}", "|---|---|---|---|---|---|"]
     for run in GROUPS["collapse"]:
-        lines.append(row(run.name.replace("+", " + "), run.name,
+        label = "all three (the default)" if run.name == "default" else \
+            run.name.replace("kmeans", "k-means").replace("ema", "EMA").replace("+", " + ")
+        lines.append(row(label, run.name,
                          str(results[_SAME.get(run.name, run.name)]["test"]["restarts"])))
     lines += ["", "The commitment weight beta against the MSE as it is and divided by the training slices' variance "
               "(notebook 03).", "", f"| beta | MSE | {head}", "|---|---|---|---|---|---|"]
@@ -153,17 +155,17 @@ def sweeps_markdown(results: dict[str, dict[str, Any]]) -> str:
         lines.append(row(run.name.removeprefix("beta").removesuffix("_normalized"), run.name,
                          "/ variance" if normalized else "as it is"))
     lines += ["", "Grid, codebook size K and code dimension D (notebooks 03 and 05; bits per slice under the "
-              "training split's code frequencies).", "", f"| run | grid | K | D | {head}", "|---|---|---|---|---|---|---|---|"]
+              "training split's code frequencies).", "", f"| run | grid | K | D | {head}",
+              "|---|---|---|---|---|---|---|---|"]
     for run in GROUPS["size"] + GROUPS["rd"]:
         model = results[_SAME.get(run.name, run.name)]["train_config"]["model"]
         lines.append(row(run.name, run.name, f"{model['downsample']}x", str(model["codebook_size"]),
                          str(model["embed_dim"])))
-    lines += ["", "Quantizers beyond the paper (notebook 08), 512 codes each.", "",
-              f"| quantizer | training images/s | {head}", "|---|---|---|---|---|---|"]
+    lines += ["", "Quantizers beyond the paper (notebook 08), 512 codes each.", "", f"| quantizer | {head}",
+              "|---|---|---|---|---|"]
     for name in ("default", *(run.name for run in GROUPS["quantizers"])):
-        t = results[name]["test"]
         lines.append(row("vq (default)" if name == "default" else results[name]["train_config"]["model"]["quantizer"],
-                         name, f"{t['images_per_s_median']:.1f}"))
+                         name))
     revisions = sorted({r["code_revision"][:12] for r in results.values()})
     machine = next(iter(results.values()))["machine"]
     minutes = sum(r["test"]["train_seconds"] for r in results.values()) / 60
@@ -174,8 +176,9 @@ def sweeps_markdown(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rate_markdown(evaluation: dict[str, Any], vae: dict[str, Any]) -> str:
-    """The `rate` block: bits per slice next to the codecs (notebook 05) and both models' ELBO (notebook 07)."""
+def science_markdown(evaluation: dict[str, Any], vae: dict[str, Any], quantizers: dict[str, Any]) -> str:
+    """The `science` block: bits per slice next to the codecs (notebook 05), both models' ELBO (notebook 07) and
+    the quantizers' training speed (notebook 08)."""
     def codec(key: str, name: str) -> str:
         value = evaluation[f"{key}_{name}_ssim"]
         return "below its lowest rate" if value < 0 else f"{value:.3f}"
@@ -191,10 +194,14 @@ def rate_markdown(evaluation: dict[str, Any], vae: dict[str, Any]) -> str:
              f"{evaluation['jpeg_min_bits']:,.0f} bits per slice, at quality 1).", "",
              "| negative ELBO, nats per pixel (notebook 07) | distortion | rate | total |", "|---|---|---|---|"]
     for key, label in (("uniform", "VQ-VAE (`default_8x.pt`), uniform prior"),
-                       ("frequencies", "VQ-VAE, code frequencies"), ("prior", "VQ-VAE + PixelCNN prior (`prior_8x.pt`)"),
+                       ("frequencies", "VQ-VAE, code frequencies"),
+                       ("prior", "VQ-VAE + PixelCNN prior (`prior_8x.pt`)"),
                        ("vae", "Gaussian VAE (`vae_8x.pt`)")):
         rows.append(f"| {label} | {vae[f'elbo_{key}_distortion']:.3f} | {vae[f'elbo_{key}_rate']:.4f} "
                     f"| {vae[f'elbo_{key}_total']:.3f} |")
+    rows += ["", "Training speed of the quantizers, measured side by side on the CPU (notebook 08; images/s of the "
+             "training loop): " + ", ".join(f"{name.removeprefix('speed_')} {value:.1f}" for name, value
+                                            in quantizers.items() if name.startswith("speed_")) + "."]
     return "\n".join(rows) + "\n"
 
 
@@ -203,10 +210,10 @@ def expected_block(block: str, repo: Path = REPO) -> str:
     if block == "checkpoints":
         return checkpoints_markdown(json.loads((repo / "checkpoints" / "MANIFEST.json").read_text()))
     if block == "sweeps":
-        return sweeps_markdown({p.stem: json.loads(p.read_text()) for p in sorted((repo / "results" / "sweeps").glob("*.json"))})
+        results = sorted((repo / "results" / "sweeps").glob("*.json"))
+        return sweeps_markdown({p.stem: json.loads(p.read_text()) for p in results})
     figures = repo / "figures"
-    if block == "rate":
-        return rate_markdown(json.loads((figures / "05_results.json").read_text()),
-                             json.loads((figures / "07_results.json").read_text()))
+    if block == "science":
+        return science_markdown(*(json.loads((figures / f"{n}_results.json").read_text()) for n in ("05", "07", "08")))
     return generation_markdown(json.loads((figures / "06_results.json").read_text()),
                                json.loads((figures / "07_results.json").read_text()))

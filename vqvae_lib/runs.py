@@ -43,6 +43,7 @@ from . import __version__
 from .checkpoint import CheckpointError, config_diff, load_checkpoint, save_checkpoint
 from .data import DataError, SplitData, file_stats, find_split_dirs
 from .fileio import HOST, atomic_write, process_alive, remove_stale_temps, save_json, temp_name
+from .model import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ RESUME_STATE = ("optimizer_state", "scheduler_state", "rng")
 SCALER_STATE = "scaler_state"  # last.pt of an fp16 run also holds its GradScaler's state (`fit`)
 CONFIG_DEFAULTS = {"precision": "auto", "normalize_mse": False}  # what a run config saved without them meant
 # ... and a model config (VQ-VAE and VAE) saved before the quantizer could be chosen
-MODEL_DEFAULTS = {"quantizer": "vq", "lookup_dim": 8, "fsq_levels": [8, 5, 5, 5]}
+MODEL_DEFAULTS = {k: v for k, v in ModelConfig().to_dict().items() if k in ("quantizer", "lookup_dim", "fsq_levels")}
 DATA_OPTIONS = {"shape_policy": "crop", "normalization": "percentile", "cache": True}  # load_split's defaults
 LOCK = ".lock"
 REPLACED = ".replaced"

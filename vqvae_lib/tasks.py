@@ -45,9 +45,9 @@ def figures(data_dir: str | Path = DEFAULT_PHANTOM, fig_dir: str | Path = "figur
     source = runner.in_repo(notebook_dir) if notebook_dir else runner.NOTEBOOK_DIR
     executed = runner.run_all(params, build, source=source)
     if not smoke and fig_dir == runner.in_repo("figures") and is_default_phantom(data_dir):
-        for block in ("rate", "generation"):
+        for block in ("science", "generation"):
             readme.write_block(block, readme.expected_block(block))
-        print(f"updated the rate and generation results in {readme.README}")
+        print(f"updated the science and generation results in {readme.README}")
     if screenshot:
         path = fig_dir / SCREENSHOT
         try:

@@ -450,22 +450,27 @@ def code_usage(counts: Mapping[str, np.ndarray], path: str | Path | None) -> plt
 
 
 def ablation(variants: Sequence[str], metrics: Mapping[str, Sequence[float]], path: str | Path | None, *,
-             highlight: str | None = None, formats: Mapping[str, str] | None = None) -> plt.Figure:
-    """Horizontal bars, one panel per metric and one bar per variant (top to bottom, in order), each labelled
-    with its value. metrics: {metric name: one value per variant}; highlight: a variant drawn in a second colour
-    (e.g. the default recipe); formats: {metric name: format spec} (default ".3g")."""
+             highlight: str | None = None, formats: Mapping[str, str] | None = None, ncols: int = 3) -> plt.Figure:
+    """Horizontal bars, one panel per metric (up to `ncols` a row) and one bar per variant (top to bottom, in
+    order), each labelled with its value. metrics: {metric name: one value per variant}; highlight: a variant
+    drawn in a second colour (e.g. the default recipe); formats: {metric name: format spec} (default ".3g")."""
     formats = formats or {}
-    fig, axes = plt.subplots(1, len(metrics), figsize=(2.9 * len(metrics) + 1.2, 0.34 * len(variants) + 1.0),
+    ncols = min(ncols, len(metrics))
+    nrows = -(-len(metrics) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols + 1.2, nrows * (0.3 * len(variants) + 1.1)),
                              sharey=True, squeeze=False)
     y = np.arange(len(variants))
     colours = ["#e76f51" if v == highlight else "#264653" for v in variants]
-    for ax, (name, values) in zip(axes[0], metrics.items()):
+    for ax, (name, values) in zip(axes.ravel(), metrics.items()):
         bars = ax.barh(y, values, color=colours, height=0.7)
         ax.bar_label(bars, [format(v, formats.get(name, ".3g")) for v in values], fontsize=7, padding=2)
         ax.set_title(name, fontsize=9)
         ax.set_xlim(0, max(max(values), 1e-12) * 1.3)
         ax.tick_params(axis="x", labelsize=7)
-    axes[0, 0].set_yticks(y, variants, fontsize=8)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_yticks(y, variants, fontsize=8)
     axes[0, 0].invert_yaxis()
     fig.tight_layout()
     return save(fig, path)
