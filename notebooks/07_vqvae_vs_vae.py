@@ -19,7 +19,9 @@
 #
 # - how a Gaussian VAE differs from the VQ-VAE when both have the same encoder, decoder and latent grid;
 # - the VAE's loss, the negative ELBO, with the decoder's noise level set to its optimum so no weight is tuned;
-# - how to compare the two fairly: reconstruction SSIM and PSNR, a sharpness measure, and samples from each.
+# - how to compare the two fairly: reconstruction SSIM and PSNR, a sharpness measure, and samples from each;
+# - that a VQ-VAE is a VAE with a one-hot posterior, and which of the two is the better density model of these
+#   slices when both are put on one negative ELBO.
 #
 # **Prerequisites:** notebooks 04 to 06.
 #
