@@ -97,12 +97,14 @@ def test_presets_hold_the_two_recipes():
     seed, default = T.make_config("seed"), T.make_config("default")
     assert seed.model == {"in_channels": 1, "hidden": 128, "res_hidden": 32, "n_res": 2, "downsample": 8,
                           "codebook_size": 512, "embed_dim": 128, "beta": 0.25, "ema": False, "decay": 0.99,
-                          "usage_decay": 0.9, "init": "uniform", "restart": False}
-    assert (seed.lr, seed.schedule, seed.batch_size, seed.amp, seed.channels_last, seed.ssim_weight) \
-        == (1e-3, "constant", 32, False, False, 0.0)
+                          "usage_decay": 0.9, "init": "uniform", "restart": False, "quantizer": "vq", "lookup_dim": 8,
+                          "fsq_levels": [8, 5, 5, 5]}
+    assert (seed.lr, seed.schedule, seed.batch_size, seed.amp, seed.channels_last, seed.ssim_weight,
+            seed.normalize_mse) == (1e-3, "constant", 32, False, False, 0.0, False)
     assert default.model == {"in_channels": 1, "hidden": 64, "res_hidden": 32, "n_res": 2, "downsample": 4,
                              "codebook_size": 512, "embed_dim": 64, "beta": 0.25, "ema": True, "decay": 0.99,
-                             "usage_decay": 0.9, "init": "kmeans", "restart": True}
+                             "usage_decay": 0.9, "init": "kmeans", "restart": True, "quantizer": "vq",
+                             "lookup_dim": 8, "fsq_levels": [8, 5, 5, 5]}
     assert (default.lr, default.schedule, default.final_lr, default.batch_size, default.amp, default.channels_last,
             default.ssim_weight) == (1e-3, "cosine", 0.1, 32, True, True, 0.5)
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from . import REPO
 from .fileio import atomic_write, save_json
-from .runner import REPO
 
 README = REPO / "README.md"
 SOURCES = {"checkpoints": "`make checkpoints` from checkpoints/MANIFEST.json",

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, data, metrics, runner, train, vae
+from . import REPO, __version__, data, metrics, train, vae
 from .checkpoint import load_checkpoint
 from .fileio import atomic_write, save_json
 from .prior import file_sha256
@@ -61,9 +61,9 @@ def data_fingerprint(data_dir: str | Path) -> str:
 def code_revision() -> str:
     """The repository's commit, with "+changes" when tracked files differ from it ("unknown" outside git)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=runner.REPO, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=runner.REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -117,7 +117,7 @@ def _baseline(data_dir: Path) -> dict[str, float]:
 
 def shown_path(path: Path) -> str:
     """A path as a result file shows it: relative to the repository when inside it (the commands run from there)."""
-    return Path(os.path.relpath(path, runner.REPO)).as_posix() if runner.REPO in path.parents else str(path)
+    return Path(os.path.relpath(path, REPO)).as_posix() if REPO in path.parents else str(path)
 
 
 def shown_command(words: list[str]) -> str:

@@ -19,8 +19,9 @@ import jupytext
 import nbformat
 import papermill
 
+from . import REPO
+
 KERNEL = "hipmri-vqvae"
-REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
 COLAB_DIR = REPO / "colab"
 SETUP_CELL = COLAB_DIR / "setup_cell.py"
