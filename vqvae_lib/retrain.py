@@ -125,11 +125,21 @@ def shown_command(words: list[str]) -> str:
     return "hipmri-vqvae " + " ".join(shown_path(Path(w)) if Path(w).is_absolute() else w for w in words)
 
 
+def run_command(words: list[str], name: str) -> None:
+    """Run `hipmri-vqvae WORDS` in this process; RuntimeError naming `name` and the command when it fails."""
+    from . import cli
+    try:
+        code = cli.main(words)
+    except SystemExit as e:  # a bad option: argparse has said why
+        code = e.code
+    if code:
+        raise RuntimeError(f"{name}: `{shown_command(words)}` failed with exit code {code}")
+
+
 def build(data_dir: str | Path, runs: str | Path, out: str | Path, *, device: str = "auto",
           recipes: tuple[Recipe, ...] = RECIPES) -> dict[str, Any]:
     """Train every recipe (resuming its run folder), then write each best.pt to OUT/NAME.pt and OUT/MANIFEST.json;
     returns the manifest. Nothing in `out` changes unless every run has finished."""
-    from . import cli
     data_dir, runs, out = Path(data_dir), Path(runs), Path(out)
     if not out.is_dir():
         raise FileNotFoundError(f"checkpoint folder {out} does not exist")
@@ -143,12 +153,7 @@ def build(data_dir: str | Path, runs: str | Path, out: str | Path, *, device: st
         print(f"[{i}/{len(recipes)}] {recipe.name}: hipmri-vqvae {' '.join(command)} "
               f"(about {recipe.cpu_minutes:g} min on a 2-core CPU)", flush=True)
         started = time.perf_counter()
-        try:
-            code = cli.main(command)
-        except SystemExit as e:  # a bad option: argparse has said why
-            code = e.code
-        if code:
-            raise RuntimeError(f"{recipe.name}: `hipmri-vqvae {' '.join(command)}` failed with exit code {code}")
+        run_command(command, recipe.name)
         history = load_checkpoint(folders[recipe.name] / "last.pt")["history"]
         entries[recipe.name] = {"command": shown_command(command), "epochs": len(history),
                                 "train_seconds": round(sum(r["seconds"] for r in history), 1),

@@ -133,7 +133,6 @@ def run_sweeps(data_dir: str | Path, runs: str | Path, out: str | Path, *, group
                device: str = "auto") -> list[Path]:
     """Train and measure every run of `groups` not yet in `out` (one folder per run under `runs`, resumed);
     returns the result files written now."""
-    from . import cli
     data_dir, runs, out = Path(data_dir), Path(runs), Path(out)
     runs.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,12 +147,7 @@ def run_sweeps(data_dir: str | Path, runs: str | Path, out: str | Path, *, group
             continue
         print(f"[{i}/{len(chosen)}] {run.name}: {shown}", flush=True)
         started = time.perf_counter()
-        try:
-            code = cli.main(words)
-        except SystemExit as e:
-            code = e.code
-        if code:
-            raise RuntimeError(f"sweep run {run.name}: `{shown}` failed with exit code {code}")
+        retrain.run_command(words, f"sweep run {run.name}")
         last = runs / run.name / "last.pt"
         payload = load_checkpoint(last)
         result = {"name": run.name, "command": shown, "code_revision": revision, "data_sha256": fingerprint,
@@ -179,19 +173,13 @@ def rerun(name: str, data_dir: str | Path, runs: str | Path, *, device: str = "a
           limit: int | None = None, epochs: int | None = None) -> dict[str, Any]:
     """Train the sweep run `name` again in runs/NAME (resumed if there) and return its `measure`; limit and
     epochs shorten it (smoke runs). The notebooks compare a full rerun with the committed result."""
-    from . import cli
     run = next((r for r in runs_of() if r.name == name), None)
     if run is None:
         raise ValueError(f"no sweep run is called {name!r}")
     folder = Path(runs) / name
     words = command(run, Path(data_dir), folder, device)
     words += [*(["--limit", str(limit)] if limit else []), *(["--epochs", str(epochs)] if epochs else [])]
-    try:
-        code = cli.main(words)
-    except SystemExit as e:
-        code = e.code
-    if code:
-        raise RuntimeError(f"rerun of {name}: `{retrain.shown_command(words)}` failed with exit code {code}")
+    retrain.run_command(words, f"rerun of {name}")
     return measure(folder / "last.pt", Path(data_dir), device)
 
 
