@@ -1,10 +1,12 @@
 """End to end in a headless Chromium: the explorer's Voilà page, and the series in `python make.py lab`.
 
-The page is served from notebooks/explorer_app.py on the tiny phantom with the committed checkpoint. The
-test moves the slice slider and chooses a code in the browser, and checks each time that the picture the page
-shows is the one CodebookExplorer renders in this process for that state, and that the chosen code's cells,
-and only those, are drawn in the highlight colour on the page's index map. Without a Chromium (or Chrome) the
-tests are skipped, saying so; with HIPMRI_REQUIRE_BROWSER=1 (as in CI) they fail instead.
+The page is served from notebooks/explorer_app.py on the tiny phantom with the committed checkpoint, its
+sampler panel with a tiny VQ-VAE and prior trained here. The test moves the slice slider and chooses a code in
+the browser, and checks each time that the picture the page shows is the one CodebookExplorer renders in this
+process for that state, and that the chosen code's cells, and only those, are drawn in the highlight colour on
+the page's index map; then it clicks "sample" twice and "complete from this row" on the slice it moved to, and
+checks each new picture against SamplerPanel's rendering here. Without a Chromium (or Chrome) the tests are
+skipped, saying so; with HIPMRI_REQUIRE_BROWSER=1 (as in CI) they fail instead.
 """
 
 import io
@@ -23,6 +25,8 @@ from PIL import Image
 
 from vqvae_lib import explorer_page, pageserver, runner, viz
 from vqvae_lib.explorer import HIGHLIGHT, WIDGET_DPI, CodebookExplorer
+
+from test_explorer import tiny_generator
 
 CHECKPOINT = runner.REPO / "checkpoints" / "default.pt"
 
@@ -74,9 +78,17 @@ def reference(tiny_phantom):
     return explorer_page.load_explorer(tiny_phantom, CHECKPOINT, device="cpu")
 
 
-def test_the_explorer_page_in_chromium(tiny_phantom, reference, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def generator(tiny_phantom, tmp_path_factory):
+    """The sampler panel's (VQ-VAE, prior) checkpoints."""
+    return tiny_generator(tiny_phantom, tmp_path_factory.getbasetemp())
+
+
+def test_the_explorer_page_in_chromium(tiny_phantom, reference, generator, tmp_path, capsys):
     explorer, start = reference
-    env = {explorer_page.DATA_ENV: str(tiny_phantom), explorer_page.CHECKPOINT_ENV: str(CHECKPOINT)}
+    sampler = explorer_page.load_sampler(tiny_phantom, *generator, "cpu")
+    env = {explorer_page.DATA_ENV: str(tiny_phantom), explorer_page.CHECKPOINT_ENV: str(CHECKPOINT),
+           explorer_page.GEN_CHECKPOINT_ENV: str(generator[0]), explorer_page.PRIOR_ENV: str(generator[1])}
     with open(tmp_path / "voila.log", "w") as log, \
             pageserver.serve(explorer_page.notebook(tmp_path), env=env, log=log) as server:
         process = psutil.Process(server.process.pid)
@@ -99,7 +111,7 @@ def test_the_explorer_page_in_chromium(tiny_phantom, reference, tmp_path, capsys
 
             explorer_page.step_slider(page)  # ArrowRight on the slider's handle
             k = start + 1
-            assert page.inner_text(".widget-slider .widget-readout") == str(k)
+            assert page.inner_text(f"{explorer_page.SLIDER} .widget-readout") == str(k)
             moved = explorer_page.image_png(page)
             assert moved != first
             _assert_same_picture(moved, explorer.render_png(explorer.view(k)))
@@ -114,12 +126,28 @@ def test_the_explorer_page_in_chromium(tiny_phantom, reference, tmp_path, capsys
             shown = _highlighted(_index_map_cells(explorer, state, chosen))
             np.testing.assert_array_equal(shown, viz.oriented(explorer.indices[k] == code))
             assert shown.sum() == state["usage"] > 0
+
+            assert page.locator(explorer_page.SAMPLER_ERROR).count() == 0
+            pictures = [explorer_page.image_png(page, explorer_page.SAMPLE_IMAGE)]
+            for seed in (0, 1):  # each click draws with the seed shown, then advances it
+                explorer_page.click_sample(page)
+                pictures.append(explorer_page.image_png(page, explorer_page.SAMPLE_IMAGE))
+                assert pictures[-1] != pictures[-2]
+                _assert_same_picture(pictures[-1], sampler.render_sample(sampler.sample_view(1.0, None, seed)))
+            rows = 5
+            waiting = explorer_page.image_png(page, explorer_page.COMPLETION_IMAGE)
+            explorer_page.complete_from_row(page, rows)
+            completed = explorer_page.image_png(page, explorer_page.COMPLETION_IMAGE)
+            assert completed != waiting
+            _assert_same_picture(completed, sampler.render_completion(sampler.complete_view(k, rows, seed=2)))
+            np.testing.assert_array_equal(sampler.images[k], explorer.images[k])  # the same slice as the explorer's
             version = browser.version
     assert server.process.poll() is not None, "Voilà still runs"
     assert not [p for p in kernels if p.is_running()], "a kernel outlived the server"
     with capsys.disabled():
         print(f"\nbrowser test: executed in Chromium {version} against Voilà on {server.base}: slider moved to "
-              f"slice {k}, code {code} chosen ({state['usage']} cells highlighted)")
+              f"slice {k}, code {code} chosen ({state['usage']} cells highlighted), sampled twice, completed from "
+              f"row {rows}")
 
 
 def test_lab_opens_a_script_as_a_notebook_with_live_widgets(tiny_phantom, reference, tmp_path, capsys):

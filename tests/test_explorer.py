@@ -1,13 +1,19 @@
-"""The codebook explorer, driven from Python (no browser), on a tiny untrained VQ-VAE."""
+"""The codebook explorer, driven from Python (no browser), on a tiny untrained VQ-VAE; the sampler panel on a
+tiny VQ-VAE and transformer prior trained for one epoch on the tiny phantom."""
 
+from pathlib import Path
 
+import ipywidgets
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 
-from vqvae_lib import metrics, viz
-from vqvae_lib.explorer import HIGHLIGHT, NO_CODE, PATCH_CELLS, PATCH_MARGIN, CodebookExplorer, explorer_grid
+from vqvae_lib import data, metrics, viz
+from vqvae_lib import prior as P
+from vqvae_lib import train as T
+from vqvae_lib.explorer import (COMPLETIONS, HIGHLIGHT, NO_CODE, PATCH_CELLS, PATCH_MARGIN, RANDOM, SAMPLES,
+                                CodebookExplorer, SamplerPanel, explorer_grid)
 from vqvae_lib.model import VQVAE, ModelConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -211,3 +217,122 @@ def test_explorer_grid_has_a_row_per_slice_with_its_ssim(explorer, tmp_path):
     np.testing.assert_array_equal(fig.axes[4].images[0].get_array(),
                                   viz.oriented(explorer.index_map_rgba(explorer.indices[3])))
     plt.close(fig)
+
+
+def tiny_generator(data_dir: Path, root: Path) -> tuple[Path, Path]:
+    """(VQ-VAE, prior) checkpoints trained for one epoch on 16 slices of data_dir (latent maps 16 x 8, 16 codes),
+    made once under root (a session's base temp folder, so other test modules reuse them)."""
+    vq, prior = root / "sampler_vq" / "best.pt", root / "sampler_prior" / "best.pt"
+    if not prior.exists():
+        T.train(data_dir, vq.parent, T.make_config("default", hidden=16, res_hidden=8, codebook_size=16, embed_dim=8,
+                                                   downsample=16, epochs=1, limit=16, batch_size=8, device="cpu"),
+                progress=False)
+        P.train_prior(vq, data_dir, prior.parent, P.make_prior_config(
+            arch="transformer", channels=16, layers=1, heads=2, epochs=1, limit=16, batch_size=8, codebook_size=16,
+            device="cpu"), progress=False)
+    return vq, prior
+
+
+@pytest.fixture(scope="module")
+def panel(tiny_phantom, tmp_path_factory):
+    generator = P.load_generator(*tiny_generator(tiny_phantom, tmp_path_factory.getbasetemp()), device="cpu")
+    split = data.load_split(tiny_phantom, "test", progress=False)
+    return SamplerPanel(generator, np.asarray(split.images), [f.name for f in split.files],
+                        P.position_bins(split, generator.positions))
+
+
+def test_the_panel_holds_the_slices_index_maps(panel):
+    assert panel.generator.latent_shape == (16, 8) and panel.generator.positions == 8
+    assert panel.maps.shape == (len(panel), 16, 8) and panel.maps.dtype == np.int64
+    np.testing.assert_array_equal(panel.maps[:5], panel.generator.encode(panel.images[:5]))
+
+
+@pytest.mark.parametrize("rows", [0, 5, 16])
+def test_a_completion_keeps_the_codes_above_the_cut(panel, rows):
+    k = 30
+    state = panel.complete_view(k, rows, seed=3)
+    assert state["index"] == k and state["rows"] == rows and state["cut"] == rows * 256 // 16
+    assert state["position"] == panel.bins[k]
+    np.testing.assert_array_equal(state["map"], panel.maps[k])
+    assert state["maps"].shape == (COMPLETIONS, 16, 8) and state["images"].shape == (COMPLETIONS, 256, 128)
+    for completion in state["maps"]:
+        np.testing.assert_array_equal(completion[:rows], panel.maps[k][:rows])
+    if rows < 16:
+        assert (state["maps"][:, rows:] != panel.maps[k][rows:]).any()
+    recon = panel.generator.decode(panel.maps[k:k + 1])[0]
+    assert np.isnan(state["kept"][state["cut"]:]).all()
+    np.testing.assert_array_equal(state["kept"][:state["cut"]], recon[:state["cut"]])
+    assert panel.render_completion(state).startswith(PNG)
+
+
+def test_samples_follow_the_seed(panel):
+    first, again, other = (panel.sample_view(1.0, None, seed) for seed in (0, 0, 1))
+    assert first["maps"].shape == (SAMPLES, 16, 8) and first["images"].shape == (SAMPLES, 256, 128)
+    np.testing.assert_array_equal(first["maps"], again["maps"])
+    np.testing.assert_array_equal(first["bins"], again["bins"])
+    assert not np.array_equal(first["maps"], other["maps"])
+    assert first["captions"] == [f"bin {b} of 8" for b in first["bins"]]
+    fixed = panel.sample_view(0.7, 3, 0, n=2)
+    assert fixed["bins"].tolist() == [3, 3] and fixed["temperature"] == 0.7
+    assert panel.render_sample(fixed).startswith(PNG) and panel.render_sample(first) != panel.render_sample(other)
+
+
+def test_bad_sampler_inputs_are_refused(panel):
+    with pytest.raises(ValueError, match=r"rows must be in \[0, 16\] \(latent rows kept\), got 17"):
+        panel.complete_view(0, 17)
+    with pytest.raises(ValueError, match="rows must be in"):
+        panel.complete_view(0, -1)
+    with pytest.raises(IndexError):
+        panel.complete_view(len(panel), 3)
+    with pytest.raises(ValueError, match="position must be a bin"):
+        panel.sample_view(1.0, 8)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        panel.sample_view(0.0)
+    with pytest.raises(ValueError, match="2 names for 3 images"):
+        SamplerPanel(panel.generator, panel.images[:3], ["a", "b"])
+    with pytest.raises(ValueError, match="2 position bins for 3 images"):
+        SamplerPanel(panel.generator, panel.images[:3], bins=[0, 1])
+    with pytest.raises(ValueError, match=r"128 x 64 slices give \(8, 4\) maps, the prior models \(16, 8\)"):
+        SamplerPanel(panel.generator, panel.images[:2, :128, :64])
+    with pytest.raises(ValueError, match="the slider reaches slices 0 .. 60, the panel has 60"):
+        panel.widget(ipywidgets.IntSlider(min=0, max=len(panel)))
+
+
+def test_the_panel_widget_renders_on_each_click(panel):
+    panel.widget()
+    assert (panel.rows.min, panel.rows.max) == (0, 16)
+    assert (panel.temperature.min, panel.temperature.max, panel.temperature.value) == (0.5, 1.5, 1.0)
+    assert [v for _, v in panel.position.options] == [RANDOM, *range(8)]
+    assert panel.sample_button.description == "sample" and "sampler-sample" in panel.sample_button._dom_classes
+    assert panel.complete_button.description == "complete from this row"
+    assert panel.sample_state is None and panel.complete_state is None
+    pictures = [bytes(panel.sample_image.value)]
+    for seed in (0, 1):
+        panel.sample_button.click()
+        assert panel.sample_state["seed"] == seed and panel.seed.value == seed + 1
+        pictures.append(bytes(panel.sample_image.value))
+        assert pictures[-1].startswith(PNG) and pictures[-1] != pictures[-2]
+    assert pictures[-1] == panel.render_sample(panel.sample_view(1.0, None, 1))
+    panel.position.value, panel.temperature.value = 2, 1.5
+    panel.sample_button.click()
+    assert panel.sample_state["bins"].tolist() == [2] * SAMPLES and panel.sample_state["temperature"] == 1.5
+
+    waiting = bytes(panel.complete_image.value)
+    panel.slider.value, panel.rows.value = 12, 4
+    panel.complete_button.click()
+    state = panel.complete_state
+    assert (state["index"], state["rows"], state["seed"], state["temperature"]) == (12, 4, 3, 1.5)
+    assert bytes(panel.complete_image.value) == panel.render_completion(state) != waiting
+
+
+def test_the_panel_follows_the_explorers_slider(panel):
+    slider = ipywidgets.IntSlider(value=7, min=0, max=len(panel) - 1)
+    box = panel.widget(slider)
+    assert panel.slider is slider and slider not in box.children[1].children[1].children
+    waiting = bytes(panel.complete_image.value)
+    panel.complete_button.click()
+    assert panel.complete_state["index"] == 7 and bytes(panel.complete_image.value) != waiting
+    slider.value = 9  # a new slice: the old completion goes
+    assert panel.complete_state is None and bytes(panel.complete_image.value) == waiting
+    panel.complete_button.click()
+    assert panel.complete_state["index"] == 9

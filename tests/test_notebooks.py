@@ -20,8 +20,8 @@ FIGURES = {
     "04": ["04_training_curves.png", "04_reconstructions.png"],
     "05": ["05_metric_distributions.png", "05_per_scan.png", "05_best_worst.png", "05_code_usage.png",
            "05_explorer.png", "05_explorer_code.png", "05_rate_distortion.png"],
-    "06": ["06_index_maps.png", "06_causality.png", "06_prior_curves.png", "06_samples.png",
-           "06_nearest_neighbours.png", "06_sample_stats.png"],
+    "06": ["06_index_maps.png", "06_causality.png", "06_prior_curves.png", "06_samples.png", "06_temperature.png",
+           "06_sample_metrics.png", "06_nearest_neighbours.png", "06_completion.png", "06_surprise.png"],
     "07": ["07_vae_curves.png", "07_reconstructions.png", "07_sharpness.png", "07_samples.png"],
     "08": ["08_rotation_trick.png", "08_fsq_grid.png", "08_quantizers.png"],
 }
@@ -148,15 +148,22 @@ def test_05_scores_both_models_next_to_the_baseline(executed):
     assert "JPEG's lowest rate here:" in text
 
 
-def test_06_checks_causality_and_scores_samples(executed):
+def test_06_checks_both_priors_and_judges_samples(executed):
     text = _text(executed[0]["06"])
     assert "positions at or after (7, 5) that change its logits: 0 of 39" in text
     assert "the upper right neighbour (6, 6) among them: True" in text
+    assert ("positions whose change moves logits at or before them: 0 of 30; earlier positions that move the "
+            "last one's logits: 29 of 29; cached greedy sampling equals the full network's argmax: True") in text
     assert "uniform guess: 6.238 nats = 9.00 bits per latent" in text
-    assert "checkpoints/prior_8x.pt: best validation NLL" in text
-    assert "SSIM to the nearest training slice: samples" in text
-    assert "samples in the range of real training slices: all four" in text
-    assert "samples in the range of their VQ-VAE reconstructions: all four" in text
+    assert "pixelcnn_gen.pt: hipmri-vqvae prior --checkpoint build/checkpoints/gen_8x/best.pt --dropout 0.1" in text
+    for name in ("PixelCNN, no dropout", "PixelCNN", "transformer"):
+        assert f"{name}: best validation NLL" in text
+    assert "PixelCNN: 6 samples in" in text and "transformer: 6 samples in" in text
+    assert "feature network: validation accuracy of the position bin" in text
+    assert "reference, the training split against the test split: Fréchet" in text
+    assert re.search(r"transformer targets: fid (met|missed), recall (met|missed), memorisation (met|missed)", text)
+    assert "SSIM to the real slice: completions" in text
+    assert re.search(r"transformer: AUROC lesion vs normal, summed NLL [01]\.\d{3}", text)
 
 
 def test_07_compares_the_two_models(executed):

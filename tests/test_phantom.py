@@ -1,5 +1,6 @@
 import hashlib
 import json
+import math
 import re
 import shutil
 
@@ -247,3 +248,19 @@ def test_the_cli_refuses_to_replace_what_is_not_a_phantom(tmp_path, capsys, what
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out}" if what == "file" else f"error: refusing to replace {out}")
     assert "notes.txt" in err and out.exists()
+
+
+def test_insert_lesion_draws_a_bright_disc_inside_the_body():
+    image = np.full((64, 32), 0.3, dtype=np.float32)
+    mask = np.zeros((64, 32), dtype=np.uint8)
+    mask[8:56, 4:28] = 1
+    new, lesion = phantom.insert_lesion(image, mask, np.random.default_rng(0), radius=(4, 5))
+    area = lesion.sum()
+    assert math.pi * 3.5 ** 2 < area < math.pi * 5.5 ** 2 and new.dtype == image.dtype
+    assert np.allclose(new[lesion], 1.0, atol=0.5) and new[lesion].mean() > 0.9
+    ys, xs = np.nonzero(lesion)
+    assert mask[ys, xs].all() and (np.abs(new - image) > 0).sum() < 2 * area  # only the disc and its edge change
+    again, _ = phantom.insert_lesion(image, mask, np.random.default_rng(0), radius=(4, 5))
+    assert np.array_equal(new, again)
+    with pytest.raises(ValueError, match="no body region wide enough"):
+        phantom.insert_lesion(image, np.zeros_like(mask), np.random.default_rng(0))

@@ -16,19 +16,22 @@ from vqvae_lib.checkpoint import CheckpointError, load_checkpoint, load_model
 SMALL = dict(codebook_size=7, channels=8, layers=3, kernel=3, positions=4)
 
 
-def small_prior(**overrides) -> P.PixelCNNPrior:
+def small_prior(**overrides) -> P.PixelCNNPrior | P.TransformerPrior:
     torch.manual_seed(0)
-    return P.PixelCNNPrior(P.PriorConfig(**{**SMALL, **overrides})).double().eval()
+    return P.make_prior(P.PriorConfig(**{**SMALL, **overrides})).double().eval()
+
+
+ARCHS = [dict(arch="pixelcnn"), dict(arch="transformer", channels=8, heads=2, max_rows=12, max_cols=6)]
 
 
 def random_maps(n=2, h=6, w=5, k=7, seed=1) -> torch.Tensor:
     return torch.randint(0, k, (n, h, w), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("kernel", [3, 5])
-def test_no_position_sees_itself_or_the_future(kernel):
+@pytest.mark.parametrize("arch", [dict(kernel=3), dict(kernel=5), ARCHS[1]])
+def test_no_position_sees_itself_or_the_future(arch):
     """Changing the code at one position moves no logits at it or before it (raster order)."""
-    model = small_prior(kernel=kernel)
+    model = small_prior(**arch)
     maps, bins = random_maps(), torch.tensor([0, 3])
     base = model(maps, bins)
     h, w = maps.shape[1:]
@@ -201,3 +204,94 @@ def test_cli_prior_resume_and_sample(vq_checkpoint, tiny_phantom, tmp_path, caps
     assert main(["sample", "--checkpoint", str(vq_checkpoint), "--prior", str(run / "best.pt"), "--n", "1",
                  "--out", str(png), "--position", "9", "--device", "cpu"]) == 2
     assert "error: position must be a bin in [0, 8), got 9" in capsys.readouterr().err
+
+
+def test_the_transformer_sees_every_earlier_position():
+    model = small_prior(**ARCHS[1])
+    maps, bins = random_maps(), torch.tensor([0, 3])
+    base = model(maps, bins)[:, :, -1, -1]
+    for pos in range(6 * 5 - 1):
+        changed = maps.clone()
+        changed[:, pos // 5, pos % 5] = (changed[:, pos // 5, pos % 5] + 1) % 7
+        assert (model(changed, bins)[:, :, -1, -1] - base).abs().max() > 0, pos
+    with pytest.raises(ValueError, match="exceeds this prior's grid of at most 12 x 6"):
+        model(random_maps(h=13), bins)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=["pixelcnn", "transformer"])
+def test_cached_sampling_follows_the_full_forward_pass(arch):
+    """Greedy sampling (a tiny temperature) picks, at every position, the argmax of the full network's logits
+    for the map drawn so far: the cached / row-wise sampler computes what forward computes."""
+    model = small_prior(**arch)
+    bins = torch.tensor([0, 1, 3])
+    cold = model.sample(3, (4, 5), bins, seed=3, temperature=1e-6)
+    torch.testing.assert_close(cold, model(cold, bins).argmax(1), rtol=0, atol=0)
+    a = model.sample(3, (4, 5), bins, seed=3)
+    assert a.shape == (3, 4, 5) and torch.equal(a, model.sample(3, (4, 5), bins, seed=3))
+    assert not torch.equal(a, model.sample(3, (4, 5), bins, seed=4))
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=["pixelcnn", "transformer"])
+def test_completion_keeps_the_prefix_and_draws_the_rest(arch):
+    model = small_prior(**arch)
+    prefix, bins = random_maps(n=4, h=4, w=5, seed=2), torch.tensor([1, 1, 1, 1])
+    for start in (0, 7, 10, 20):
+        done = model.sample(4, (4, 5), bins, seed=5, prefix=prefix, start=start)
+        flat, kept = done.flatten(1), prefix.flatten(1)
+        assert torch.equal(flat[:, :start], kept[:, :start])
+        if start < 20:
+            assert not torch.equal(flat[:, start:], kept[:, start:])
+        cold = model.sample(4, (4, 5), bins, seed=5, prefix=prefix, start=start, temperature=1e-6)
+        greedy = model(cold, bins).argmax(1).flatten(1)
+        assert torch.equal(cold.flatten(1)[:, start:], greedy[:, start:])
+    with pytest.raises(ValueError, match="pass that map as prefix"):
+        model.sample(1, (4, 5), bins[:1], start=3)
+    with pytest.raises(ValueError, match="prefix must be"):
+        model.sample(2, (4, 5), bins[:2], prefix=prefix, start=3)
+
+
+def test_top_k_and_top_p_restrict_the_codes_drawn():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, 4)
+    def drawn(**options):
+        sampling = P.Sampling(2000, (1, 1), device=torch.device("cpu"), **options)
+        return torch.bincount(sampling(logits), minlength=4)
+    assert (drawn() > 0).all()
+    assert drawn(top_k=2)[2:].sum() == 0 and (drawn(top_k=2)[:2] > 0).all()
+    assert drawn(top_p=0.8)[2:].sum() == 0 and drawn(top_p=0.81)[2] > 0  # 0.5 + 0.3 reaches 0.8
+    assert drawn(top_p=0.4)[1:].sum() == 0 and drawn(top_k=1)[1:].sum() == 0
+    for bad, match in [(dict(top_k=0), "top_k"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p")]:
+        with pytest.raises(ValueError, match=match):
+            P.Sampling(1, (1, 1), device=torch.device("cpu"), **bad)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=["pixelcnn", "transformer"])
+def test_position_nll_is_the_cross_entropy_at_each_position(arch):
+    model = small_prior(**arch)
+    maps, bins = random_maps(h=4, w=5), np.array([0, 2])
+    nll = P.position_nll(model, maps.numpy(), bins)
+    logits = model(maps, torch.from_numpy(bins))
+    expected = -logits.log_softmax(1).gather(1, maps[:, None])[:, 0]
+    np.testing.assert_allclose(nll, expected.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(P.map_nll(model, maps.numpy(), bins), nll.mean((1, 2)))
+
+
+def test_dropout_acts_in_training_only():
+    for arch in ARCHS:
+        model = small_prior(**{**arch, "dropout": 0.5})
+        maps, bins = random_maps(), torch.tensor([0, 1])
+        torch.testing.assert_close(model(maps, bins), model(maps, bins))
+        model.train()
+        assert (model(maps, bins) - model(maps, bins)).abs().max() > 0
+    with pytest.raises(ValueError, match="dropout"):
+        P.PriorConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="divisible by heads"):
+        P.PriorConfig(arch="transformer", channels=10, heads=4)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        P.PriorConfig(arch="lstm")
+
+
+def test_run_defaults_for_old_priors_are_the_config_defaults():
+    from vqvae_lib import runs
+    defaults = P.PriorConfig().to_dict()
+    added = ("arch", "dropout", "heads", "max_rows", "max_cols")
+    assert {k: runs.MODEL_DEFAULTS[k] for k in added} == {k: defaults[k] for k in added}

@@ -3,9 +3,9 @@
 A checkpoint is a dict of plain values only (tensors, numbers, strings, None, lists, tuples, dicts) so that
 ``torch.load(..., weights_only=True)`` can read it without unpickling arbitrary objects, which could run code.
 It always holds a format marker, the model config and train config as plain dicts, the model's state_dict, the
-epoch and the training history, and says which kind of model it holds ("vqvae", "vae" or "prior"; files without
-the key are VQ-VAE checkpoints); a run's last.pt adds optimizer, scheduler and RNG states for resuming (an fp16
-run's also its GradScaler's).
+epoch and the training history, and says which kind of model it holds ("vqvae", "vae", "prior" or "features";
+files without the key are VQ-VAE checkpoints); a run's last.pt adds optimizer, scheduler and RNG states for
+resuming (an fp16 run's also its GradScaler's).
 
 Files are written atomically (`fileio.atomic_write`), so an interrupted write leaves the previous file intact.
 """

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from . import __version__, data, distributed, phantom, prior, runs, train
+from . import __version__, data, distributed, phantom, prior, runs, sample_metrics, train
 from .checkpoint import CheckpointError, load_checkpoint
 from .fileio import save_json
 from .model import QUANTIZERS
 from .quantizer import INITS
 
-CONFIGURABLE = ("train", "vae", "prior")  # the commands that take --config, --log-dir and --resume auto
+CONFIGURABLE = ("train", "vae", "prior", "features")  # the commands that take --config, --log-dir and --resume auto
 _VAE_RECIPE = {"preset": "default", "ssim_weight": 0.0}  # the VAE's budget is the default VQ-VAE recipe's
 # What the user can fix (a bad option, value, file, folder, checkpoint or data; DataError and CheckpointError are
 # ValueErrors): exit code 2. Any other RuntimeError or OSError (out of memory, a full disk): exit code 1.
@@ -129,6 +129,8 @@ _non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
 _non_negative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 _seed = _number(int, lambda v: 0 <= v < 2 ** 63, "a whole number in [0, 2^63)")
 _odd_kernel = _number(int, lambda v: v >= 3 and v % 2 == 1, "an odd whole number >= 3")
+_unit_fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_top_p = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _levels(text: str) -> list[int]:
@@ -430,7 +432,7 @@ def _prior(args: argparse.Namespace) -> int:
     history, _ = _fit(
         args, "prior", prior.make_prior_config, {"codebook_size": load_model(args.checkpoint)[0].config.codebook_size},
         _given(args, "epochs", "seed", "batch_size", "lr", "limit", "device", "channels", "layers", "kernel",
-               "positions", "precision"),
+               "positions", "precision", "arch", "dropout", "heads"),
         lambda config, resume, callback: prior.train_prior(
             args.checkpoint, args.data_dir, out, config, resume=resume, overwrite=args.overwrite,
             data_options=_data_options(args), allow_other_data=args.allow_other_data, callback=callback), line)
@@ -443,12 +445,33 @@ def _sample(args: argparse.Namespace) -> int:
     from . import viz
     start = time.perf_counter()
     images, _, bins = prior.sample_slices(args.checkpoint, args.prior, args.n, seed=args.seed,
-                                          temperature=args.temperature, position=args.position, device=args.device,
-                                          progress=True)
+                                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                          position=args.position, device=args.device, progress=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     viz.montage(list(images), [f"position bin {b}" for b in bins], args.out, ncols=min(8, args.n))
     print(f"{args.n} samples (seed {args.seed}, temperature {args.temperature}) written to {args.out} "
           f"in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _features(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+
+    def line(config: sample_metrics.FeatureTrainConfig, r: dict[str, Any]) -> str:
+        organs = f", organs {r['val_organ_accuracy']:.3f}" if "val_organ_accuracy" in r else ""
+        return (f"epoch {r['epoch']}/{config.epochs}: train loss {r['train_loss']:.4f}, validation loss "
+                f"{r['val_loss']:.4f}, accuracy: position {r['val_position_accuracy']:.3f}{organs}, "
+                f"{r['seconds']:.0f} s")
+
+    history, _ = _fit(
+        args, "features", sample_metrics.make_feature_config, {},
+        _given(args, "epochs", "seed", "batch_size", "lr", "limit", "device", "precision"),
+        lambda config, resume, callback: sample_metrics.train_features(
+            args.data_dir, out, config, resume=resume, overwrite=args.overwrite, data_options=_data_options(args),
+            allow_other_data=args.allow_other_data, callback=callback), line)
+    best = min(history, key=lambda h: h["val_loss"])
+    print(f"best validation loss {best['val_loss']:.4f} (epoch {best['epoch']}, position accuracy "
+          f"{best['val_position_accuracy']:.3f}): {out / 'best.pt'}")
     return 0
 
 
@@ -683,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, vae_recipe)
     p.set_defaults(func=_vae)
 
-    p = sub.add_parser("prior", help="fit a PixelCNN prior to the code index maps a VQ-VAE gives the train split")
+    p = sub.add_parser("prior", help="fit a prior (gated PixelCNN or transformer) to the code index maps a VQ-VAE "
+                                     "gives the train split")
     p.add_argument("--checkpoint", required=True, help="the VQ-VAE checkpoint")
     p.add_argument("--data-dir", required=True, help="the HipMRI-layout data folder")
     p.add_argument("--out", required=True, help=run_folder)
@@ -695,9 +719,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, help=f"peak learning rate ({_default_text(prior_recipe, 'lr')})")
     p.add_argument("--limit", type=_positive_int,
                    help="train on the maps of the first N training slices only (default: all)")
+    p.add_argument("--arch", choices=prior.ARCHS,
+                   help=f"the prior network ({_default_text(prior_recipe, 'arch')})")
     p.add_argument("--channels", type=_positive_int,
-                   help=f"channels of the gated layers ({_default_text(prior_recipe, 'channels')})")
-    p.add_argument("--layers", type=_positive_int, help=f"gated layers ({_default_text(prior_recipe, 'layers')})")
+                   help=f"channels of the gated layers, or the transformer's width "
+                        f"({_default_text(prior_recipe, 'channels')})")
+    p.add_argument("--layers", type=_positive_int,
+                   help=f"gated layers or transformer blocks ({_default_text(prior_recipe, 'layers')})")
+    p.add_argument("--heads", type=_positive_int,
+                   help=f"attention heads of the transformer ({_default_text(prior_recipe, 'heads')})")
+    p.add_argument("--dropout", type=_unit_fraction,
+                   help=f"dropout on every layer's residual branch ({_default_text(prior_recipe, 'dropout')})")
     p.add_argument("--kernel", type=_odd_kernel,
                    help=f"odd kernel size of the gated layers ({_default_text(prior_recipe, 'kernel')})")
     p.add_argument("--positions", type=_non_negative_int,
@@ -715,6 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="random seed of the samples")
     p.add_argument("--temperature", type=_positive_float, default=1.0,
                    help="divides the prior's logits: below 1, likelier and less varied samples")
+    p.add_argument("--top-k", type=_positive_int, help="draw each code from the k likeliest only (default: all)")
+    p.add_argument("--top-p", type=_top_p,
+                   help="draw each code from the likeliest codes that together reach this probability (default: 1)")
     p.add_argument("--position", type=_non_negative_int, help="slice-position bin of every sample (default: drawn at random)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=_sample)
@@ -744,6 +779,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="slices per forward pass")
     _add_data_options(p)
     p.set_defaults(func=_evaluate)
+
+    features_recipe = {"default": sample_metrics.make_feature_config()}
+    p = sub.add_parser("features", help="train the feature network that judges generated slices (its position "
+                                        "and organ classifier, `sample_metrics`) on the train split")
+    p.add_argument("--data-dir", required=True, help="the HipMRI-layout data folder")
+    p.add_argument("--out", required=True, help=run_folder)
+    p.add_argument("--epochs", type=_positive_int,
+                   help=f"epochs to train ({_default_text(features_recipe, 'epochs')})")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=_seed, help=f"random seed ({_default_text(features_recipe, 'seed')})")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help=f"slices per optimiser step ({_default_text(features_recipe, 'batch_size')})")
+    p.add_argument("--lr", type=_positive_float, help=f"peak learning rate ({_default_text(features_recipe, 'lr')})")
+    p.add_argument("--limit", type=_positive_int, help="train on the first N training slices only (default: all)")
+    _add_run_options(p, features_recipe)
+    p.set_defaults(func=_features)
     return parser
 
 

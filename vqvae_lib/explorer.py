@@ -4,6 +4,9 @@ All slices are encoded once; `view` returns the data for one (slice, code) state
 `widget` wraps it in a slider and a code dropdown, and `explorer_grid` is the static figure for
 notebooks and the README. Every displayed image and index map goes through `viz.oriented`, so a
 latent cell and its downsample x downsample pixel block sit at the same place on screen.
+
+`SamplerPanel` goes with it: new slices drawn from a prior (`prior.SliceGenerator`), and completions of a
+real slice whose first code rows are kept, with the same view / render / widget split.
 """
 
 from __future__ import annotations
@@ -25,11 +28,17 @@ from .train import reconstruct
 if TYPE_CHECKING:
     import ipywidgets
 
+    from .prior import SliceGenerator
+
 NO_CODE = -1  # the dropdown value meaning "no code chosen" (a Dropdown shows value None as blank)
 HIGHLIGHT = np.array([1.0, 0.15, 0.35])  # overlay colour of the chosen code's pixel blocks
 PATCH_CELLS = 4  # side of the decoded code patch, in latent cells
 PATCH_MARGIN = 4  # extra cells decoded around it so decoder border effects stay outside the patch
 WIDGET_DPI = 72  # widget PNGs are rendered small so an update stays well under 0.3 s
+RANDOM = -1  # the position dropdown's value meaning "draw the bins at random"
+BLANK = "#4a5878"  # colour of the rows a completion drops (NaN pixels)
+PANEL_SIZE = (2.1, 1.5)  # inches per sampler panel: a 256 x 128 slice shown landscape
+SAMPLES, COMPLETIONS = 4, 3  # slices the sampler panel draws per click
 
 
 def code_colours(n_codes: int) -> np.ndarray:
@@ -49,6 +58,18 @@ def _block_mask(cells: np.ndarray, d: int, shape: tuple[int, int]) -> np.ndarray
     H, W = min(shape[0], up.shape[0]), min(shape[1], up.shape[1])
     out[:H, :W] = up[:H, :W]
     return out
+
+
+def _vmax(image: np.ndarray) -> float:
+    """The grey value shown as white: the 99.5th percentile, so a few hot pixels do not dim the slice."""
+    return max(float(np.nanpercentile(image, 99.5)), 1e-6)
+
+
+def _png(fig: Figure) -> bytes:
+    """PNG bytes of an off-screen figure, without metadata."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=WIDGET_DPI, metadata={"Software": None})
+    return buf.getvalue()
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -173,7 +194,7 @@ class CodebookExplorer:
     def _draw(self, fig: Figure, state: dict) -> Figure:
         """Draw one state as one row: image (+overlay), index map, reconstruction, code patch."""
         axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [2, 2, 2, 1]})
-        vmax = max(float(np.percentile(state["image"], 99.5)), 1e-6)
+        vmax = _vmax(state["image"])
         code, usage = state["code"], state["usage"]
         axes[0].imshow(viz.oriented(state["image"]), cmap="gray", vmin=0, vmax=vmax,
                        interpolation="nearest")
@@ -214,9 +235,7 @@ class CodebookExplorer:
         """PNG bytes of one state, drawn off-screen (no pyplot figure, nothing displayed)."""
         fig = Figure(figsize=(10.5, 2.0))
         self._draw(fig, state)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=WIDGET_DPI, metadata={"Software": None})
-        return buf.getvalue()
+        return _png(fig)
 
     def _code_options(self, index: int) -> list[tuple[str, int]]:
         return [("no code", NO_CODE)] + [(f"code {c} ({n} cells)", c) for c, n in self.codes_by_use(index)]
@@ -225,15 +244,17 @@ class CodebookExplorer:
         """A slider over slices, a dropdown of the slice's codes and the rendered figure (ipywidgets.VBox).
 
         Sets self.slider, self.code (Dropdown; value NO_CODE means none), self.image (ipywidgets.Image)
-        and self.state (the current `view` dict); changing either control re-renders.
+        and self.state (the current `view` dict); changing either control re-renders. CSS classes for a page
+        driver: explorer-slice, explorer-code, explorer-image.
         """
         import ipywidgets as w
 
         self.slider = w.IntSlider(value=0, min=0, max=max(len(self) - 1, 0), description="slice",
-                                  continuous_update=False)
-        self.code = w.Dropdown(options=self._code_options(0), value=NO_CODE, description="code")
+                                  continuous_update=False).add_class("explorer-slice")
+        self.code = w.Dropdown(options=self._code_options(0), value=NO_CODE, description="code"
+                               ).add_class("explorer-code")
         self.state = self.view(0)
-        self.image = w.Image(value=self.render_png(self.state), format="png")
+        self.image = w.Image(value=self.render_png(self.state), format="png").add_class("explorer-image")
         syncing = False
 
         def chosen() -> int | None:
@@ -278,7 +299,7 @@ def explorer_grid(explorer: CodebookExplorer, indices: Sequence[int],
     fig, axes = plt.subplots(len(rows), 3, figsize=(8.4, 1.75 * len(rows) + 0.3), squeeze=False)
     for ax_row, state, ssim in zip(axes, rows, ssims):
         image, recon = state["image"], state["recon"]
-        vmax = max(float(np.percentile(image, 99.5)), 1e-6)
+        vmax = _vmax(image)
         ax_row[0].imshow(viz.oriented(image), cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
         ax_row[0].set_title(state["name"], fontsize=9)
         ax_row[1].imshow(viz.oriented(explorer.index_map_rgba(state["indices"])), interpolation="nearest")
@@ -289,3 +310,192 @@ def explorer_grid(explorer: CodebookExplorer, indices: Sequence[int],
             viz.bare(ax)
     fig.tight_layout(h_pad=0.5, w_pad=0.4)
     return viz.save(fig, path)
+
+
+class SamplerPanel:
+    """New slices from a VQ-VAE's prior, and completions of real slices from a kept part of their code map.
+
+    generator: a `prior.SliceGenerator`. images: (N, H, W) float in [0, 1], the real slices to complete. names:
+    N slice names (default "slice i"). bins: (N,) their slice-position bins (`prior.position_bins`), the bin
+    each slice is completed at (default bin 0). After construction: `maps` (N, h, w) int64, the slices' index
+    maps. Rows are latent rows, each H / h pixel rows; on screen (`viz.oriented`) they are columns, so the kept
+    part of a completion is the left of each picture.
+    """
+
+    def __init__(self, generator: SliceGenerator, images: np.ndarray, names: Sequence[str] | None = None,
+                 bins: np.ndarray | None = None):
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 3:
+            raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
+        if names is None:
+            names = [f"slice {i}" for i in range(len(images))]
+        if len(names) != len(images):
+            raise ValueError(f"{len(names)} names for {len(images)} images")
+        if bins is not None and len(bins) != len(images):
+            raise ValueError(f"{len(bins)} position bins for {len(images)} images")
+        self.generator = generator
+        self.images = images
+        self.names = list(names)
+        self.bins = None if bins is None else np.asarray(bins, dtype=np.int64)
+        self.maps = generator.encode(images)
+        if self.maps.shape[1:] != generator.latent_shape:
+            raise ValueError(f"{images.shape[1]} x {images.shape[2]} slices give {self.maps.shape[1:]} maps, the "
+                             f"prior models {generator.latent_shape}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _caption(self, b: int) -> str:
+        return f"bin {b} of {self.generator.positions}" if self.generator.positions else "unconditioned"
+
+    def sample_view(self, temperature: float = 1.0, position: int | None = None, seed: int = 0,
+                    n: int = SAMPLES) -> dict:
+        """n new slices at slice-position bin `position` (None: each bin drawn at random with the seed).
+
+        Keys: images (n, H, W) float32; maps (n, h, w) int64; bins (n,); captions (one per slice, with its bin);
+        temperature, position, seed.
+        """
+        images, maps, bins = self.generator.sample(n, position=position, seed=seed, temperature=temperature)
+        return {"images": images, "maps": maps, "bins": bins, "captions": [self._caption(b) for b in bins],
+                "temperature": temperature, "position": position, "seed": seed}
+
+    def complete_view(self, index: int, rows: int, seed: int = 0, n: int = COMPLETIONS, temperature: float = 1.0
+                      ) -> dict:
+        """Slice `index` with its first `rows` latent rows kept and n completions of the rest.
+
+        Keys: index, name, rows, cut (the first dropped pixel row, rows * H / h), position (the bin the prior
+        completes at), seed, temperature; image (H, W) the real slice; map (h, w) its index map; kept (H, W)
+        float32 its reconstruction with the dropped pixel rows NaN; images (n, H, W), maps (n, h, w) the
+        completions (maps[:, :rows] == map[:rows]).
+        """
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"slice {index} outside [0, {len(self)})")
+        index %= len(self)
+        height = self.generator.latent_shape[0]
+        if not 0 <= rows <= height:
+            raise ValueError(f"rows must be in [0, {height}] (latent rows kept), got {rows}")
+        position = 0 if self.bins is None else int(self.bins[index])
+        images, maps = self.generator.complete(self.maps[index], rows, n, position=position, seed=seed,
+                                               temperature=temperature)
+        cut = rows * self.images.shape[1] // height
+        kept = self.generator.decode(self.maps[index:index + 1])[0]
+        kept[cut:] = np.nan
+        return {"index": index, "name": self.names[index], "rows": rows, "cut": cut, "position": position,
+                "seed": seed, "temperature": temperature, "image": self.images[index], "map": self.maps[index],
+                "kept": kept, "images": images, "maps": maps}
+
+    def _draw_samples(self, fig: Figure, state: dict) -> Figure:
+        """One row: each sample with its bin."""
+        axes = np.atleast_1d(fig.subplots(1, len(state["images"])))
+        for ax, image, caption in zip(axes, state["images"], state["captions"]):
+            ax.imshow(viz.oriented(image), cmap="gray", vmin=0, vmax=_vmax(image), interpolation="nearest")
+            ax.set_title(caption, fontsize=9)
+            viz.bare(ax)
+        fig.suptitle(f"temperature {state['temperature']:.2f}, seed {state['seed']}", fontsize=9)
+        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.76, wspace=0.08)
+        return fig
+
+    def _draw_completion(self, fig: Figure, state: dict) -> Figure:
+        """One row: the real slice, what is kept of its reconstruction, the completions; a line at the cut."""
+        n = len(state["images"])
+        axes = fig.subplots(1, n + 2)
+        vmax = _vmax(state["image"])
+        gray = plt.get_cmap("gray").with_extremes(bad=BLANK)
+        height = self.generator.latent_shape[0]
+        panels = [(state["image"], f"real ({self._caption(state['position'])})"),
+                  (state["kept"], f"{state['rows']} of {height} rows kept")]
+        panels += [(image, f"completion {i + 1}") for i, image in enumerate(state["images"])]
+        for k, (ax, (image, title)) in enumerate(zip(axes, panels)):
+            ax.imshow(viz.oriented(image), cmap=gray, vmin=0, vmax=vmax, interpolation="nearest")
+            if k:
+                ax.axvline(state["cut"] - 0.5, color=HIGHLIGHT, linewidth=1)
+            ax.set_title(title, fontsize=9)
+            viz.bare(ax)
+        fig.suptitle(f"{state['name']}: temperature {state['temperature']:.2f}, seed {state['seed']}", fontsize=9)
+        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.76, wspace=0.08)
+        return fig
+
+    @staticmethod
+    def _figure(panels: int) -> Figure:
+        return Figure(figsize=(PANEL_SIZE[0] * panels, PANEL_SIZE[1]))
+
+    def render_sample(self, state: dict) -> bytes:
+        """PNG bytes of a `sample_view` state, drawn off-screen."""
+        return _png(self._draw_samples(self._figure(len(state["images"])), state))
+
+    def render_completion(self, state: dict) -> bytes:
+        """PNG bytes of a `complete_view` state, drawn off-screen."""
+        return _png(self._draw_completion(self._figure(len(state["images"]) + 2), state))
+
+    def _placeholder(self, text: str, panels: int) -> bytes:
+        fig = self._figure(panels)
+        fig.text(0.5, 0.5, text, ha="center", va="center", fontsize=10, color="grey")
+        return _png(fig)
+
+    def widget(self, slider: ipywidgets.IntSlider | None = None) -> ipywidgets.VBox:
+        """A "Sample" box and a "Complete" box (ipywidgets.VBox), each with a button that renders into its picture.
+
+        Sample: self.temperature (FloatSlider), self.position (Dropdown; RANDOM: drawn bins), self.seed
+        (BoundedIntText), self.sample_button, self.sample_image. Complete: self.rows (IntSlider, latent rows kept,
+        0 .. h), self.complete_button and self.complete_image, on the slice of `slider` (the explorer's; default an
+        own one, shown in the box), set as self.slider. Both buttons use the temperature and the seed, and advance
+        the seed by one so the next click draws new slices; a new slice clears the completion. self.sample_state
+        and self.complete_state hold the last views (None before the first click). CSS classes for a page driver:
+        sampler-sample, sampler-sample-image, sampler-rows, sampler-complete, sampler-complete-image.
+        """
+        import ipywidgets as w
+
+        if slider is not None and (slider.min < 0 or slider.max >= len(self)):
+            raise ValueError(f"the slider reaches slices {slider.min} .. {slider.max}, the panel has {len(self)}")
+        own = slider is None
+        self.slider = w.IntSlider(value=0, min=0, max=max(len(self) - 1, 0), description="slice",
+                                  continuous_update=False) if own else slider
+        label = {"description_width": "initial"}  # descriptions in full, not clipped
+        self.temperature = w.FloatSlider(value=1.0, min=0.5, max=1.5, step=0.05, description="temperature",
+                                         continuous_update=False, style=label)
+        bins = [(f"bin {b}", b) for b in range(self.generator.positions)]
+        self.position = w.Dropdown(options=[("random", RANDOM)] + bins, value=RANDOM, description="position",
+                                   style=label, layout=w.Layout(width="170px"))
+        self.seed = w.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed", style=label,
+                                     layout=w.Layout(width="160px"))
+        self.sample_button = w.Button(description="sample", layout=w.Layout(width="auto")).add_class("sampler-sample")
+        self.sample_image = w.Image(value=self._placeholder("press sample", SAMPLES), format="png"
+                                    ).add_class("sampler-sample-image")
+        self.rows = w.IntSlider(value=self.generator.latent_shape[0] // 2, min=0, max=self.generator.latent_shape[0],
+                                description="rows kept", continuous_update=False, style=label).add_class("sampler-rows")
+        self.complete_button = w.Button(description="complete from this row", layout=w.Layout(width="auto")
+                                        ).add_class("sampler-complete")
+        waiting = self._placeholder("press complete from this row", COMPLETIONS + 2)
+        self.complete_image = w.Image(value=waiting, format="png").add_class("sampler-complete-image")
+        self.sample_state = self.complete_state = None
+
+        def next_seed() -> int:
+            seed = self.seed.value
+            self.seed.value = min(seed + 1, self.seed.max)
+            return seed
+
+        def on_sample(_) -> None:
+            position = None if self.position.value == RANDOM else self.position.value
+            self.sample_state = self.sample_view(self.temperature.value, position, next_seed())
+            self.sample_image.value = self.render_sample(self.sample_state)
+
+        def on_complete(_) -> None:
+            self.complete_state = self.complete_view(self.slider.value, self.rows.value, next_seed(),
+                                                     temperature=self.temperature.value)
+            self.complete_image.value = self.render_completion(self.complete_state)
+
+        def on_slice(_) -> None:
+            if self.complete_state is not None:
+                self.complete_state = None
+                self.complete_image.value = waiting
+
+        self.sample_button.on_click(on_sample)
+        self.complete_button.on_click(on_complete)
+        self.slider.observe(on_slice, names="value")
+        sample = w.VBox([w.HTML("<b>Sample</b> new slices from the prior"),
+                         w.HBox([self.temperature, self.position, self.seed, self.sample_button]), self.sample_image])
+        complete = w.VBox([w.HTML("<b>Complete</b> the slice from its first code rows"),
+                           w.HBox(([self.slider] if own else []) + [self.rows, self.complete_button]),
+                           self.complete_image])
+        return w.VBox([sample, complete])

@@ -3,8 +3,12 @@
 The page is `notebooks/explorer_app.py`: it displays `app()`, the explorer widget of `vqvae_lib.explorer` on
 the test split of $EXPLORER_DATA_DIR (default data/phantom) with the VQ-VAE of $EXPLORER_CHECKPOINT (default
 checkpoints/default.pt), computed on $EXPLORER_DEVICE (default cpu, so the page shows the same pictures on any
-machine); relative paths are taken from the repository root. The functions below the app
-drive the page in a browser (the end-to-end test and the README screenshot use them), and
+machine); relative paths are taken from the repository root. Below it, linked to the explorer's slice slider,
+the sampler panel (`explorer.SamplerPanel`) draws new slices and completes the current one with the VQ-VAE of
+$EXPLORER_GEN_CHECKPOINT (default checkpoints/gen_8x.pt) and the prior of $EXPLORER_PRIOR (default
+checkpoints/transformer_gen.pt), on the same split; when they cannot be loaded the page says why in its place
+and the explorer works on. The functions below the app drive the page in a browser (the end-to-end test and
+the README screenshot use them), and
 
     python -m vqvae_lib.explorer_page serve [--port N]
     python -m vqvae_lib.explorer_page screenshot PATH
@@ -25,8 +29,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import checkpoint, data, pageserver, runner, train
-from .explorer import CodebookExplorer
+from . import checkpoint, data, pageserver, prior, runner, train
+from .explorer import CodebookExplorer, SamplerPanel
 
 if TYPE_CHECKING:
     import ipywidgets
@@ -35,13 +39,22 @@ if TYPE_CHECKING:
 DATA_ENV, DEFAULT_DATA = "EXPLORER_DATA_DIR", "data/phantom"
 CHECKPOINT_ENV, DEFAULT_CHECKPOINT = "EXPLORER_CHECKPOINT", "checkpoints/default.pt"
 DEVICE_ENV, DEFAULT_DEVICE = "EXPLORER_DEVICE", "cpu"  # a page is light work; cpu gives the same picture anywhere
+GEN_CHECKPOINT_ENV, DEFAULT_GEN_CHECKPOINT = "EXPLORER_GEN_CHECKPOINT", "checkpoints/gen_8x.pt"
+PRIOR_ENV, DEFAULT_PRIOR = "EXPLORER_PRIOR", "checkpoints/transformer_gen.pt"
 APP = runner.NOTEBOOK_DIR / "explorer_app.py"
 SPLIT = "test"
-# The widgets of CodebookExplorer.widget() in the ipywidgets 8 front end.
-SLIDER_HANDLE = ".widget-slider .noUi-handle"
-CODE_SELECT = ".widget-dropdown select"
-IMAGE = "img.widget-image"
+# The widgets of CodebookExplorer.widget() and SamplerPanel.widget() in the ipywidgets 8 front end.
+SLIDER = ".explorer-slice"
+SLIDER_HANDLE = f"{SLIDER} .noUi-handle"
+CODE_SELECT = ".explorer-code select"
+IMAGE = "img.explorer-image"
 ERROR = ".explorer-error"
+SAMPLE_BUTTON = "button.sampler-sample"
+SAMPLE_IMAGE = "img.sampler-sample-image"
+ROWS = ".sampler-rows"
+COMPLETE_BUTTON = "button.sampler-complete"
+COMPLETION_IMAGE = "img.sampler-complete-image"
+SAMPLER_ERROR = ".sampler-error"
 
 
 def resolve(value: str | None, default: str) -> Path:
@@ -56,6 +69,13 @@ def inputs(environ: dict[str, str] | None = None) -> tuple[Path, Path, str]:
             resolve(environ.get(CHECKPOINT_ENV), DEFAULT_CHECKPOINT), environ.get(DEVICE_ENV) or DEFAULT_DEVICE)
 
 
+def generator_inputs(environ: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """The sampler panel's (VQ-VAE checkpoint, prior checkpoint) from the environment."""
+    environ = os.environ if environ is None else environ
+    return (resolve(environ.get(GEN_CHECKPOINT_ENV), DEFAULT_GEN_CHECKPOINT),
+            resolve(environ.get(PRIOR_ENV), DEFAULT_PRIOR))
+
+
 def load_explorer(data_dir: Path, checkpoint_path: Path, device: str = DEFAULT_DEVICE
                   ) -> tuple[CodebookExplorer, int]:
     """The explorer over the test split and the slice the page starts on (the middle of the first scan)."""
@@ -67,8 +87,31 @@ def load_explorer(data_dir: Path, checkpoint_path: Path, device: str = DEFAULT_D
     return explorer, first[len(first) // 2]
 
 
+def load_sampler(data_dir: Path, gen_path: Path, prior_path: Path, device: str = DEFAULT_DEVICE) -> SamplerPanel:
+    """The sampler panel over the test split: completions at each slice's own position bin."""
+    generator = prior.load_generator(gen_path, prior_path, device)
+    split = data.load_split(data_dir, SPLIT, progress=False)
+    return SamplerPanel(generator, np.asarray(split.images), [f.name for f in split.files],
+                        prior.position_bins(split, generator.positions))
+
+
+def _sampler(data_dir: Path, device: str, slider: ipywidgets.IntSlider) -> ipywidgets.Widget:
+    """The sampler panel on the explorer's slider, or the reason it cannot be built (an HTML widget)."""
+    import ipywidgets as w
+
+    gen_path, prior_path = generator_inputs()
+    try:
+        return load_sampler(data_dir, gen_path, prior_path, device).widget(slider)
+    except (OSError, ValueError, RuntimeError) as e:
+        hint = (f"VQ-VAE: {gen_path} (set {GEN_CHECKPOINT_ENV}). Prior trained on its codes: {prior_path} (set "
+                f"{PRIOR_ENV}).")
+        return w.HTML(f'<div class="sampler-error" style="color: #b00020"><b>The sampler cannot start:</b> '
+                      f"{html.escape(str(e))}<br>{html.escape(hint)}</div>")
+
+
 def app() -> ipywidgets.Widget:
-    """The page's content: the explorer widget, or the reason it cannot be built (an HTML widget)."""
+    """The page's content: the explorer widget and below it the sampler panel (or the reason it cannot be built),
+    or the reason the explorer cannot be built (an HTML widget)."""
     import ipywidgets as w
 
     data_dir, checkpoint_path, device = inputs()
@@ -82,7 +125,7 @@ def app() -> ipywidgets.Widget:
                       f"{html.escape(str(e))}<br>{html.escape(hint)}</div>")
     box = explorer.widget()
     explorer.slider.value = start
-    return box
+    return w.VBox([box, _sampler(data_dir, device, explorer.slider)])
 
 
 def notebook(build: Path = runner.REPO / "build") -> Path:
@@ -98,15 +141,16 @@ def open_page(page: Page, url: str, timeout_ms: float = 120_000) -> None:
         raise RuntimeError(f"the explorer page shows an error: {page.locator(ERROR).inner_text()}")
 
 
-def image_png(page: Page) -> bytes:
-    """The PNG bytes the page's picture shows (the Image widget's blob: URL, fetched inside the page)."""
+def image_png(page: Page, image: str = IMAGE) -> bytes:
+    """The PNG bytes a picture of the page shows (the explorer's, or the one `image` selects), fetched inside the
+    page from the Image widget's blob: URL."""
     data_ = page.eval_on_selector(
-        IMAGE, "async img => Array.from(new Uint8Array(await (await fetch(img.src)).arrayBuffer()))")
+        image, "async img => Array.from(new Uint8Array(await (await fetch(img.src)).arrayBuffer()))")
     return bytes(data_)
 
 
-def _await_new_picture(page: Page, before: str, timeout_ms: float) -> None:
-    page.wait_for_function("([sel, old]) => document.querySelector(sel).src !== old", arg=[IMAGE, before],
+def _await_new_picture(page: Page, before: str, timeout_ms: float, image: str = IMAGE) -> None:
+    page.wait_for_function("([sel, old]) => document.querySelector(sel).src !== old", arg=[image, before],
                            timeout=timeout_ms)
 
 
@@ -133,6 +177,27 @@ def choose_code(page: Page, code: int, timeout_ms: float = 60_000) -> None:
         raise ValueError(f"code {code} is not in the dropdown of the current slice: {labels}")
     page.select_option(CODE_SELECT, index=index)
     _await_new_picture(page, before, timeout_ms)
+
+
+def click_sample(page: Page, timeout_ms: float = 120_000) -> None:
+    """Click the sampler's "sample" button and wait for the new samples' picture."""
+    before = page.get_attribute(SAMPLE_IMAGE, "src")
+    page.click(SAMPLE_BUTTON)
+    _await_new_picture(page, before, timeout_ms, SAMPLE_IMAGE)
+
+
+def complete_from_row(page: Page, rows: int, timeout_ms: float = 120_000) -> None:
+    """Set the latent rows kept (typed into the slider's readout), click "complete from this row" and wait for
+    the new completions' picture."""
+    readout = f"{ROWS} .widget-readout"
+    page.fill(readout, str(rows))
+    page.press(readout, "Enter")
+    shown = page.inner_text(readout)
+    if shown != str(rows):
+        raise ValueError(f"the rows slider shows {shown} after typing {rows}: outside its range?")
+    before = page.get_attribute(COMPLETION_IMAGE, "src")
+    page.click(COMPLETE_BUTTON)
+    _await_new_picture(page, before, timeout_ms, COMPLETION_IMAGE)
 
 
 def screenshot(path: Path, data_dir: Path, checkpoint_path: Path, device: str = DEFAULT_DEVICE) -> Path:

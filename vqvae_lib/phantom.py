@@ -604,6 +604,23 @@ def label_shares(labels: np.ndarray) -> dict[str, float]:
     return {name: float(n) / labels.size for name, n in zip(LABELS, counts)}
 
 
+def insert_lesion(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, *,
+                  radius: tuple[float, float] = (4.0, 7.0), intensity: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """An abnormality drawn into one slice (H, W) in [0, 1]: a round bright lesion with a soft edge and a radius
+    drawn from `radius` pixels, placed at random inside the body (mask labels > 0, or without a mask pixels
+    above 0.1) at least twice its radius from the outline. Works the same on real slices. Returns (the new
+    slice, the lesion's mask (H, W) bool)."""
+    body = (mask > 0) if mask is not None else (image > 0.1)
+    r = rng.uniform(*radius)
+    inside = np.argwhere(ndimage.distance_transform_edt(body) > 2 * r)
+    if not len(inside):
+        raise ValueError(f"the slice has no body region wide enough for a lesion of radius {r:.1f} pixels")
+    cy, cx = inside[rng.integers(len(inside))]
+    yy, xx = np.mgrid[:image.shape[0], :image.shape[1]]
+    weight = np.clip(r + 0.5 - np.hypot(yy - cy, xx - cx), 0, 1)  # 1 inside, a one-pixel ramp at the edge
+    return (image * (1 - weight) + intensity * weight).astype(image.dtype), weight > 0.5
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing the dataset
 # ---------------------------------------------------------------------------------------------

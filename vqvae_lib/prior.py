@@ -1,20 +1,30 @@
-"""A learned prior over code index maps: the gated PixelCNN (van den Oord et al. 2016, arXiv 1606.05328).
+"""A learned prior over code index maps: the gated PixelCNN (van den Oord et al. 2016, arXiv 1606.05328) or a
+small causal transformer (as in MONAI's VQ-VAE + transformer tutorial).
 
 A trained VQ-VAE turns every slice into an index map (h, w) of codebook entries. The prior models those maps
 autoregressively in raster order, p(k) = prod_i p(k_i | k_<i), and new slices are made by sampling a map one
-position at a time and decoding it with the VQ-VAE's decoder (the paper's section 4.1).
+position at a time and decoding it with the VQ-VAE's decoder (the paper's section 4.1). Both priors take the
+same inputs, give the same logits (B, K, h, w), train with the same loop and sample with the same options
+(temperature, top-k, top-p, a kept prefix for completion).
 
 Two stacks keep every position blind to the future without a blind spot: the vertical stack sees all rows
 above (and the current row, which is why its output reaches the horizontal stack shifted down by one row); the
 horizontal stack sees the current row left of the position (the first layer excludes the position itself).
 Each layer is gated, tanh(a) * sigmoid(b), and may add an embedding of the slice position within its scan.
 
-Sampling is exact and cheaper than running the whole network at every step: the vertical stack only depends on
-finished rows, so it runs once per row on the rows it can see, and only the horizontal stack runs per position.
+PixelCNN sampling is exact and cheaper than running the whole network at every step: the vertical stack only
+depends on finished rows, so it runs once per row on the rows it can see, and only the horizontal stack runs per
+position.
+
+The transformer reads the map as a sequence: a start token, then the first n - 1 codes; output i is the
+distribution of code i. Each input token gets learned embeddings of the row and column it predicts (so one model
+serves any grid up to max_rows x max_cols) and of the slice-position bin. Its sampling caches every layer's keys
+and values (incremental decoding), so each new code costs one token's attention over the cached ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -22,7 +32,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -39,24 +49,38 @@ from .train import (autocast, check_run_settings, checkpoint_precision, cudnn_au
                     optimizer_for, optimizer_step, select_device)
 
 
+ARCHS = ("pixelcnn", "transformer")
+
+
 @dataclass
 class PriorConfig:
     """Every hyperparameter of `PixelCNNPrior`; plain values, so it round-trips through JSON with a checkpoint."""
 
     codebook_size: int = 512  # the VQ-VAE's K: the prior predicts one of K codes per position
-    channels: int = 64
-    layers: int = 8
-    kernel: int = 5  # odd; vertical stack kernel (kernel // 2 + 1) x kernel, horizontal 1 x (kernel // 2 + 1)
+    channels: int = 64  # PixelCNN: channels of the gated layers; transformer: model width
+    layers: int = 8  # gated layers or transformer blocks
+    kernel: int = 5  # PixelCNN only; odd; vertical kernel (kernel // 2 + 1) x kernel, horizontal 1 x (kernel // 2 + 1)
     positions: int = 8  # slice-position bins to condition on (0: unconditional)
+    arch: str = "pixelcnn"  # or "transformer"
+    dropout: float = 0.0  # on each layer's residual branch (not on attention weights: CPU fused attention has none)
+    heads: int = 4  # transformer only: attention heads (channels must be divisible by them)
+    max_rows: int = 64  # transformer only: the largest grid it has position embeddings for
+    max_cols: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("codebook_size", "channels", "layers"):
+        for name in ("codebook_size", "channels", "layers", "heads", "max_rows", "max_cols"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, not {self.arch!r}")
         if self.kernel < 3 or self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd and >= 3, got {self.kernel}")
         if self.positions < 0:
             raise ValueError(f"positions must not be negative, got {self.positions}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.arch == "transformer" and self.channels % self.heads:
+            raise ValueError(f"channels ({self.channels}) must be divisible by heads ({self.heads})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -69,6 +93,15 @@ class PriorConfig:
         return cls(**d)
 
 
+def _check_inputs(config: PriorConfig, indices: torch.Tensor, position: torch.Tensor | None) -> None:
+    if indices.dim() != 3 or indices.dtype != torch.int64:
+        raise ValueError(f"indices must be (B, h, w) int64, got {tuple(indices.shape)} {indices.dtype}")
+    if config.positions and position is None:
+        raise ValueError(f"this prior is conditioned on {config.positions} slice-position bins: pass position (B,)")
+    if position is not None and not config.positions:
+        raise ValueError("this prior is unconditional: pass position=None")
+
+
 def _gate(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=1)
     return torch.tanh(a) * torch.sigmoid(b)
@@ -77,9 +110,9 @@ def _gate(x: torch.Tensor) -> torch.Tensor:
 class GatedLayer(nn.Module):
     """One gated PixelCNN layer: (v, h) (B, C, H, W) each -> (v, h); see the module docstring."""
 
-    def __init__(self, channels: int, kernel: int, first: bool, positions: int) -> None:
+    def __init__(self, channels: int, kernel: int, first: bool, positions: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.reach, self.first = kernel // 2, first
+        self.reach, self.first, self.dropout = kernel // 2, first, dropout
         self.v_conv = nn.Conv2d(channels, 2 * channels, (self.reach + 1, kernel))
         self.h_conv = nn.Conv2d(channels, 2 * channels, (1, self.reach + 1))
         self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
@@ -104,6 +137,8 @@ class GatedLayer(nn.Module):
         shift = 1 if self.first else 0
         pre = self.h_conv(F.pad(h, (self.reach + shift, -shift, 0, 0))) + feed
         out = self.h_out(_gate(pre + self._bias(position)[1]))
+        if self.dropout:
+            out = F.dropout(out, self.dropout, self.training)
         return out if self.first else h + out
 
 
@@ -115,8 +150,8 @@ class PixelCNNPrior(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.codebook_size, config.channels)
-        self.layers = nn.ModuleList(GatedLayer(config.channels, config.kernel, i == 0, config.positions)
-                                    for i in range(config.layers))
+        self.layers = nn.ModuleList(GatedLayer(config.channels, config.kernel, i == 0, config.positions,
+                                               config.dropout) for i in range(config.layers))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(config.channels, config.channels, 1), nn.ReLU(),
                                   nn.Conv2d(config.channels, config.codebook_size, 1))
 
@@ -126,13 +161,7 @@ class PixelCNNPrior(nn.Module):
         return 1 + self.config.layers * (self.config.kernel // 2)
 
     def _check(self, indices: torch.Tensor, position: torch.Tensor | None) -> None:
-        if indices.dim() != 3 or indices.dtype != torch.int64:
-            raise ValueError(f"indices must be (B, h, w) int64, got {tuple(indices.shape)} {indices.dtype}")
-        if self.config.positions and position is None:
-            raise ValueError(f"this prior is conditioned on {self.config.positions} slice-position bins: "
-                             "pass position (B,)")
-        if position is not None and not self.config.positions:
-            raise ValueError("this prior is unconditional: pass position=None")
+        _check_inputs(self.config, indices, position)
 
     def forward(self, indices: torch.Tensor, position: torch.Tensor | None = None) -> torch.Tensor:
         """indices (B, h, w) int64, position (B,) int64 bins or None -> logits (B, K, h, w)."""
@@ -172,27 +201,200 @@ class PixelCNNPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, shape: tuple[int, int], position: torch.Tensor | None = None, *, temperature: float = 1.0,
-               seed: int = 0, progress: bool = False) -> torch.Tensor:
-        """n index maps (n, h, w) int64 drawn position by position on the model's device. position: (n,) bins or
-        None; temperature divides the logits (< 1: safer, > 1: more varied); a seed gives the same maps."""
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0, progress: bool = False,
+               prefix: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """n index maps (n, h, w) int64 drawn position by position on the model's device; see `Sampling`."""
+        draw = Sampling(n, shape, temperature, top_k, top_p, seed, prefix, start, device=self.embed.weight.device)
+        self._check(draw.indices, position)
+        indices, (height, width) = draw.indices, shape
+        with evaluating(self):
+            for i in tqdm(range(draw.start // width, height), desc="sampling rows", unit="row",
+                          disable=not progress or None, leave=False):
+                feeds = self._feeds(indices[:, max(0, i - self.rows_seen):i], width, position)
+                for j in range(draw.start - i * width if i == draw.start // width else 0, width):
+                    indices[:, i, j] = draw(self._row_logits(indices[:, i], feeds, position)[:, :, j])
+        return indices
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block, the model's own mode again after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class Sampling:
+    """How a prior draws maps: n maps of `shape`, each code from softmax(logits / temperature), optionally
+    restricted to the top_k likeliest codes or to the smallest set whose probability reaches top_p (nucleus
+    sampling); a seed gives the same maps. prefix (n, h, w): a map whose first `start` positions in raster order
+    are kept (completion); the rest is drawn. Calling it on logits (n, K) draws one code per map."""
+
+    def __init__(self, n: int, shape: tuple[int, int], temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, prefix: torch.Tensor | None = None, start: int = 0, *,
+                 device: torch.device) -> None:
+        length = shape[0] * shape[1]
         if n < 1 or temperature <= 0:
             raise ValueError(f"need n >= 1 and temperature > 0, got n={n}, temperature={temperature}")
-        device = next(self.parameters()).device
-        height, width = shape
-        indices = torch.zeros(n, height, width, dtype=torch.int64, device=device)
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if not 0 <= start <= length:
+            raise ValueError(f"start must be a raster position in [0, {length}], got {start}")
+        if prefix is None and start:
+            raise ValueError("start > 0 keeps part of a map: pass that map as prefix")
+        if prefix is not None and tuple(prefix.shape) != (n, *shape):
+            raise ValueError(f"prefix must be {(n, *shape)}, got {tuple(prefix.shape)}")
+        self.temperature, self.top_k, self.top_p, self.start = temperature, top_k, top_p, start
+        self.indices = (prefix.to(device=device, dtype=torch.int64).clone() if prefix is not None
+                        else torch.zeros(n, *shape, dtype=torch.int64, device=device))
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if self.top_p is not None and self.top_p < 1:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # probability of the likelier codes
+            logits = logits.masked_fill(torch.zeros_like(logits, dtype=torch.bool).scatter(
+                -1, order, before >= self.top_p), -math.inf)
+        return torch.multinomial(logits.softmax(-1), 1, generator=self.generator)[:, 0]
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: causal self-attention and an MLP, each added back to its input."""
+
+    def __init__(self, channels: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels))
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+
+    def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None, at: int = 0) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). With a cache ({"k", "v"}: (B, heads, n, C / heads)) x holds the tokens at
+        sequence positions at .. at + T - 1: their keys and values are stored there and they attend to all
+        positions up to their own."""
+        b, t, c = x.shape
+        q, k, v = (y.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+                   for y in self.qkv(self.norm1(x)).split(c, dim=-1))
+        if cache is None:
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            end = at + t
+            cache["k"][:, :, at:end], cache["v"][:, :, at:end] = k, v
+            mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(at)
+            attended = F.scaled_dot_product_attention(q, cache["k"][:, :, :end], cache["v"][:, :, :end],
+                                                      attn_mask=mask)
+        x = x + self._drop(self.proj(attended.transpose(1, 2).reshape(b, t, c)))
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+
+class TransformerPrior(nn.Module):
+    """p(index map) as a causal transformer, the interface of `PixelCNNPrior`: indices (B, h, w) int64
+    [+ position bins (B,)] -> logits (B, K, h, w); see the module docstring."""
+
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.channels
+        self.embed = nn.Embedding(config.codebook_size + 1, c)  # the last token is the start token
+        self.rows, self.cols = nn.Embedding(config.max_rows, c), nn.Embedding(config.max_cols, c)
+        self.condition = nn.Embedding(config.positions, c) if config.positions else None
+        self.blocks = nn.ModuleList(Block(c, config.heads, config.dropout) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(c)
+        self.head = nn.Linear(c, config.codebook_size)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def _check(self, indices: torch.Tensor, position: torch.Tensor | None) -> None:
+        _check_inputs(self.config, indices, position)
+        if indices.shape[1] > self.config.max_rows or indices.shape[2] > self.config.max_cols:
+            raise ValueError(f"a {indices.shape[1]} x {indices.shape[2]} map exceeds this prior's grid of at most "
+                             f"{self.config.max_rows} x {self.config.max_cols}")
+
+    def _inputs(self, tokens: torch.Tensor, at: int, width: int, position: torch.Tensor | None) -> torch.Tensor:
+        """Embeddings (B, T, C) of input tokens (B, T) at sequence positions at .. at + T - 1."""
+        steps = torch.arange(at, at + tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens) + self.rows(steps // width) + self.cols(steps % width)
+        return x + self.condition(position)[:, None] if self.condition is not None else x
+
+    def _with_start(self, codes: torch.Tensor) -> torch.Tensor:
+        return torch.cat([codes.new_full((len(codes), 1), self.config.codebook_size), codes], 1)
+
+    def forward(self, indices: torch.Tensor, position: torch.Tensor | None = None) -> torch.Tensor:
+        """indices (B, h, w) int64, position (B,) int64 bins or None -> logits (B, K, h, w)."""
         self._check(indices, position)
-        generator = torch.Generator(device).manual_seed(seed)
-        was_training = self.training
-        self.eval()
-        try:
-            for i in tqdm(range(height), desc="sampling rows", unit="row", disable=not progress or None, leave=False):
-                feeds = self._feeds(indices[:, max(0, i - self.rows_seen):i], width, position)
-                for j in range(width):
-                    logits = self._row_logits(indices[:, i], feeds, position)[:, :, j].float() / temperature
-                    indices[:, i, j] = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-        finally:
-            self.train(was_training)
-        return indices
+        b, h, w = indices.shape
+        x = self._inputs(self._with_start(indices.flatten(1)[:, :-1]), 0, w, position)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)).transpose(1, 2).reshape(b, -1, h, w)
+
+    @torch.no_grad()
+    def sample(self, n: int, shape: tuple[int, int], position: torch.Tensor | None = None, *, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0, progress: bool = False,
+               prefix: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """n index maps (n, h, w) int64 drawn code by code with a key/value cache; see `Sampling`."""
+        draw = Sampling(n, shape, temperature, top_k, top_p, seed, prefix, start, device=self.head.weight.device)
+        self._check(draw.indices, position)
+        codes, width, length = draw.indices.view(n, -1), shape[1], shape[0] * shape[1]
+        heads, c = self.config.heads, self.config.channels
+        cache = [{"k": codes.new_zeros((n, heads, length, c // heads), dtype=self.head.weight.dtype),
+                  "v": codes.new_zeros((n, heads, length, c // heads), dtype=self.head.weight.dtype)}
+                 for _ in self.blocks]
+
+        def step(tokens: torch.Tensor, at: int) -> torch.Tensor:  # the logits (n, K) after the last token
+            x = self._inputs(tokens, at, width, position)
+            for block, layer_cache in zip(self.blocks, cache):
+                x = block(x, layer_cache, at)
+            return self.head(self.norm(x[:, -1]))
+
+        with evaluating(self):
+            logits = step(self._with_start(codes[:, :draw.start]), 0) if draw.start < length else None
+            for i in tqdm(range(draw.start, length), desc="sampling codes", unit="code",
+                          disable=not progress or None, leave=False):
+                codes[:, i] = draw(logits)
+                if i + 1 < length:
+                    logits = step(codes[:, i:i + 1], i + 1)
+        return draw.indices
+
+
+def make_prior(config: PriorConfig) -> PixelCNNPrior | TransformerPrior:
+    """The prior network `config.arch` names."""
+    return (TransformerPrior if config.arch == "transformer" else PixelCNNPrior)(config)
+
+
+def position_nll(model: nn.Module, maps: np.ndarray, bins: np.ndarray | None = None, batch_size: int = 64, *,
+                 amp: bool | str = False) -> np.ndarray:
+    """Each position's negative log-likelihood under the prior, in nats: maps (N, h, w) int64, bins (N,) position
+    bins (used if the prior is conditioned on them) -> (N, h, w) float64: where the prior is surprised. Eval
+    mode, on the model's device."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = np.empty(np.shape(maps))
+    with torch.no_grad():
+        for start in range(0, len(maps), batch_size):
+            x = torch.from_numpy(np.asarray(maps[start:start + batch_size], dtype=np.int64)).to(device)
+            position = (torch.from_numpy(np.asarray(bins[start:start + batch_size])).to(device)
+                        if model.config.positions and bins is not None else None)
+            with autocast(device, amp):
+                logits = model(x, position)
+            out[start:start + len(x)] = F.cross_entropy(logits.float(), x, reduction="none").double().cpu().numpy()
+    return out
 
 
 def nll_per_latent(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -200,23 +402,11 @@ def nll_per_latent(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), indices)
 
 
-@torch.no_grad()
-def map_nll(model: PixelCNNPrior, maps: np.ndarray, bins: np.ndarray | None = None, batch_size: int = 64, *,
+def map_nll(model: nn.Module, maps: np.ndarray, bins: np.ndarray | None = None, batch_size: int = 64, *,
             amp: bool | str = False) -> np.ndarray:
-    """Each map's mean negative log-likelihood under the prior, in nats per latent: maps (N, h, w) int64, bins (N,)
-    position bins (used if the prior is conditioned on them) -> (N,) float64. Eval mode, on the model's device."""
-    device = next(model.parameters()).device
-    model.eval()
-    out = np.empty(len(maps))
-    for start in range(0, len(maps), batch_size):
-        x = torch.from_numpy(np.asarray(maps[start:start + batch_size])).to(device)
-        position = (torch.from_numpy(np.asarray(bins[start:start + batch_size])).to(device)
-                    if model.config.positions and bins is not None else None)
-        with autocast(device, amp):
-            logits = model(x, position)
-        nll = F.cross_entropy(logits.float(), x, reduction="none")  # (B, h, w)
-        out[start:start + len(x)] = nll.mean((1, 2)).double().cpu().numpy()
-    return out
+    """Each map's mean negative log-likelihood under the prior, in nats per latent (`position_nll` averaged over
+    the map): (N,) float64."""
+    return position_nll(model, maps, bins, batch_size, amp=amp).mean((1, 2))
 
 
 def unigram_nll(train: np.ndarray, test: np.ndarray, codebook_size: int) -> float:
@@ -322,9 +512,10 @@ def make_prior_config(**settings: Any) -> PriorTrainConfig:
     return PriorTrainConfig(**settings, model=model)
 
 
-def load_prior(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[PixelCNNPrior, dict[str, Any]]:
+def load_prior(path: str | Path, map_location: str | torch.device = "cpu"
+               ) -> tuple[PixelCNNPrior | TransformerPrior, dict[str, Any]]:
     """The prior a checkpoint holds (eval mode) and its payload (payload["vqvae"] names the VQ-VAE it models)."""
-    return load_module(path, "prior", lambda c: PixelCNNPrior(PriorConfig.from_dict(c)), map_location)
+    return load_module(path, "prior", lambda c: make_prior(PriorConfig.from_dict(c)), map_location)
 
 
 def check_pair(vq_checkpoint: str | Path, prior_payload: dict[str, Any], prior_path: str | Path) -> str:
@@ -394,7 +585,7 @@ def _fit_prior(vq: VQVAE, vq_payload: dict[str, Any], vq_checkpoint: str | Path,
 
     with torch.random.fork_rng(devices=runs.cuda_devices(device)), cudnn_autotune(device):
         torch.manual_seed(config.seed)
-        model = PixelCNNPrior(PriorConfig.from_dict(config.model)).to(device)
+        model = make_prior(PriorConfig.from_dict(config.model)).to(device)
         optimizer, scheduler = optimizer_for(model, config, steps)
         scaler = grad_scaler(config.precision, device)
 
@@ -436,27 +627,84 @@ def _fit_prior(vq: VQVAE, vq_payload: dict[str, Any], vq_checkpoint: str | Path,
                         callback=callback)
 
 
+class SliceGenerator:
+    """A VQ-VAE and the prior trained on its codes, as one tool: draw new slices, complete the kept part of a
+    real slice's code map, and show where a map surprises the prior. Sampling options (temperature, top_k,
+    top_p) are those of `Sampling`; position bins are those of `position_bins`."""
+
+    def __init__(self, vq: VQVAE, model: nn.Module, latent_shape: tuple[int, int]) -> None:
+        self.vq, self.prior, self.latent_shape = vq, model, tuple(latent_shape)
+        self.device = next(model.parameters()).device
+
+    @property
+    def positions(self) -> int:
+        return self.prior.config.positions
+
+    def bins(self, n: int, position: int | None, seed: int = 0) -> np.ndarray:
+        """(n,) bins: `position` for all, or (None) drawn uniformly with the seed for a conditioned prior."""
+        if position is not None and not 0 <= position < max(1, self.positions):
+            raise ValueError(f"position must be a bin in [0, {max(1, self.positions)}), got {position}")
+        if position is None and self.positions:
+            return np.random.default_rng(seed).integers(0, self.positions, n)
+        return np.full(n, position or 0, dtype=np.int64)
+
+    def _condition(self, bins: np.ndarray) -> torch.Tensor | None:
+        return torch.from_numpy(np.asarray(bins, dtype=np.int64)).to(self.device) if self.positions else None
+
+    @torch.no_grad()
+    def decode(self, maps: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Slices (n, H, W) float32 in [0, 1] decoded from index maps (n, h, w)."""
+        maps = torch.as_tensor(np.asarray(maps), dtype=torch.int64, device=self.device)
+        return torch.cat([self.vq.decode_indices(maps[b]) for b in _batches(len(maps), 32)]
+                         ).clamp(0, 1)[:, 0].cpu().numpy()
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        return encode_maps(self.vq, np.asarray(images))
+
+    def sample(self, n: int, *, position: int | None = None, seed: int = 0, progress: bool = False,
+               **options: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """n new slices: (images (n, H, W), maps (n, h, w) int64, bins (n,))."""
+        bins = self.bins(n, position, seed)
+        maps = self.prior.sample(n, self.latent_shape, self._condition(bins), seed=seed, progress=progress,
+                                 **options)
+        return self.decode(maps), maps.cpu().numpy(), bins
+
+    def complete(self, index_map: np.ndarray, rows: int, n: int, *, position: int = 0, seed: int = 0,
+                 **options: Any) -> tuple[np.ndarray, np.ndarray]:
+        """n completions of one map (h, w): its first `rows` rows kept, the rest drawn by the prior at slice
+        position bin `position`. Returns (images (n, H, W), maps (n, h, w))."""
+        height, width = self.latent_shape
+        if np.shape(index_map) != self.latent_shape:
+            raise ValueError(f"the map must be {self.latent_shape}, got {np.shape(index_map)}")
+        if not 0 <= rows <= height:
+            raise ValueError(f"rows must be in [0, {height}], got {rows}")
+        prefix = torch.as_tensor(np.asarray(index_map), dtype=torch.int64).expand(n, height, width)
+        maps = self.prior.sample(n, self.latent_shape, self._condition(self.bins(n, position)), seed=seed,
+                                 prefix=prefix, start=rows * width, **options)
+        return self.decode(maps), maps.cpu().numpy()
+
+    def surprise(self, maps: np.ndarray, bins: np.ndarray | None = None) -> np.ndarray:
+        """`position_nll` of maps (N, h, w) in bits: (N, h, w)."""
+        return position_nll(self.prior, maps, bins) / math.log(2)
+
+
+def load_generator(vq_checkpoint: str | Path, prior_checkpoint: str | Path, device: str = "auto") -> SliceGenerator:
+    """The `SliceGenerator` of a VQ-VAE checkpoint and a prior checkpoint trained on its codes (`check_pair`)."""
+    dev = select_device(device)
+    model, payload = load_prior(prior_checkpoint, map_location=dev)
+    check_pair(vq_checkpoint, payload, prior_checkpoint)
+    vq, _ = load_model(vq_checkpoint, map_location=dev)
+    return SliceGenerator(vq, model, tuple(payload["vqvae"]["latent_shape"]))
+
+
 def sample_slices(vq_checkpoint: str | Path, prior_checkpoint: str | Path, n: int, *, seed: int = 0,
-                  temperature: float = 1.0, position: int | None = None, device: str = "auto",
-                  progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  position: int | None = None, device: str = "auto", progress: bool = False, **options: Any
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n new slices: index maps drawn from the prior, decoded by the VQ-VAE.
 
     position: the slice-position bin for every sample, or None to draw the bins uniformly (seeded) for a
-    conditioned prior. Returns (images (n, H, W) float32 clipped to [0, 1], maps (n, h, w) int64, bins (n,)).
+    conditioned prior; options: temperature, top_k, top_p (`Sampling`). Returns (images (n, H, W) float32
+    clipped to [0, 1], maps (n, h, w) int64, bins (n,)).
     """
-    dev = select_device(device)
-    prior, payload = load_prior(prior_checkpoint, map_location=dev)
-    check_pair(vq_checkpoint, payload, prior_checkpoint)
-    vq, _ = load_model(vq_checkpoint, map_location=dev)
-    bins_count = prior.config.positions
-    if position is not None and not 0 <= position < max(1, bins_count):
-        raise ValueError(f"position must be a bin in [0, {bins_count}), got {position}")
-    rng = np.random.default_rng(seed)
-    bins = np.full(n, position if position is not None else 0, dtype=np.int64)
-    if position is None and bins_count:
-        bins = rng.integers(0, bins_count, n)
-    cond = torch.from_numpy(bins).to(dev) if bins_count else None
-    maps = prior.sample(n, tuple(payload["vqvae"]["latent_shape"]), cond, temperature=temperature, seed=seed,
-                        progress=progress)
-    images = torch.cat([vq.decode_indices(maps[b]) for b in _batches(n, 32)]).clamp(0, 1)[:, 0]
-    return images.cpu().numpy(), maps.cpu().numpy(), bins
+    return load_generator(vq_checkpoint, prior_checkpoint, device).sample(n, position=position, seed=seed,
+                                                                          progress=progress, **options)

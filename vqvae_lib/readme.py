@@ -46,9 +46,17 @@ def write_block(block: str, body: str, readme: Path = README) -> None:
     atomic_write(readme, lambda f: f.write(text.encode("utf-8")))
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (str, bool, np.bool_)):
+        return value if isinstance(value, str) else bool(value)
+    return int(value) if isinstance(value, (int, np.integer)) else float(value)
+
+
 def save_results(path: str | Path, values: dict[str, Any]) -> None:
-    """Write a notebook's headline numbers (plain floats and ints) for the README's generation block."""
-    save_json(path, {key: int(v) if isinstance(v, (int, np.integer)) else float(v) for key, v in values.items()})
+    """Write a notebook's headline numbers (numbers, flags and names, in nested dicts) for the README's blocks."""
+    save_json(path, _plain(values))
 
 
 def checkpoints_markdown(manifest: dict[str, Any]) -> str:
@@ -75,10 +83,17 @@ def checkpoints_markdown(manifest: dict[str, Any]) -> str:
              "", *rows, ""]
     for name, entry in entries.items():
         m = entry["metrics"]
-        if "val_nll" in m["best_validation_epoch"]:
-            v = m["best_validation_epoch"]
-            lines.append(f"- `{name}` (PixelCNN prior): validation NLL {v['val_bits']:.2f} bits per latent "
+        v = m["best_validation_epoch"]
+        if "val_nll" in v:
+            arch = "transformer" if m.get("arch") == "transformer" else "PixelCNN"
+            lines.append(f"- `{name}` ({arch} prior): validation NLL {v['val_bits']:.2f} bits per latent "
                          f"({v['val_nll']:.3f} nats), best at epoch {v['epoch']} of {entry['epochs']}.")
+        elif "val_loss" in v:
+            organs = v.get("val_organ_accuracy")
+            lines.append(f"- `{name}` (the feature network of `sample_metrics`): validation accuracy of the slice "
+                         f"position bin {v['val_position_accuracy']:.3f}"
+                         + (f", of organ presence {organs:.3f}" if organs is not None else "")
+                         + f"; {entry['epochs']} epochs (best: {v['epoch']}).")
         elif "downsample" not in m:
             t = m["test"]
             lines.append(f"- `{name}` (Gaussian VAE): test SSIM {t['ssim_mean']:.3f} ({t['ssim_min']:.3f}.."
@@ -105,30 +120,58 @@ def checkpoints_markdown(manifest: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def generation_markdown(prior: dict[str, Any], vae: dict[str, Any]) -> str:
-    """The `generation` block: the numbers of notebooks 06 (`prior`) and 07 (`vae`), as they saved them."""
-    n = prior["n_samples"]
+def generation_markdown(gen: dict[str, Any], vae: dict[str, Any]) -> str:
+    """The `generation` block: the numbers of notebooks 06 (`gen`) and 07 (`vae`), as they saved them."""
+    reports, fits, seps = gen["reports"], gen["fits"], gen["separation"]
+    names = list(reports)
+    ref = reports[names[0]]
+
+    def row(label: str, values: list[str], reference: str = "") -> str:
+        return f"| {label} | " + " | ".join(values) + f" | {reference} |"
+
+    def each(key: str, spec: str) -> list[str]:
+        return [format(reports[n][key], spec) for n in names]
+
+    def mark(n: str, target: str) -> str:
+        return "met" if reports[n]["targets"][target] else "**missed**"
+
     rows = [
-        "| | value |", "|---|---|",
-        f"| prior, best validation NLL (bits per latent) | {prior['prior_bits']:.2f} (epoch {prior['prior_epoch']}); "
-        f"uniform guess {prior['uniform_bits']:.2f}, code frequencies alone {prior['unigram_bits']:.2f} |",
-        f"| SSIM of a sample to its nearest training slice, mean (max) | {prior['sample_nn_mean']:.3f} "
-        f"({prior['sample_nn_max']:.3f}); real test slices {prior['test_nn_mean']:.3f} ({prior['test_nn_max']:.3f}); "
-        f"a reconstruction {prior['recon_ssim']:.3f} |",
-        f"| samples with all four statistics in the range of the VQ-VAE's reconstructions of training slices | "
-        f"{100 * prior['in_range_recon']:.0f} % ({round(prior['in_range_recon'] * n)} of {n}) |",
-        f"| same, in the range of the real training slices | {100 * prior['in_range_real']:.0f} % (the "
-        f"reconstructions themselves: {100 * prior['recon_in_range_real']:.0f} %) |",
-        f"| test SSIM / PSNR, VQ-VAE (`default_8x.pt`) vs VAE (`vae_8x.pt`), 15 epochs each | "
-        f"{vae['vq_ssim']:.3f} / {vae['vq_psnr']:.2f} dB vs {vae['vae_ssim']:.3f} / {vae['vae_psnr']:.2f} dB |",
-        f"| high-frequency share (power above 0.25 cycles/pixel): real test slices, VQ-VAE recon, VAE recon | "
-        f"{vae['hf_real']:.4f}, {vae['hf_vq_recon']:.4f}, {vae['hf_vae_recon']:.4f} |",
-        f"| same for samples: VQ-VAE + prior, VAE | {vae['hf_vq_samples']:.4f}, {vae['hf_vae_samples']:.4f} |",
-        f"| samples with all four statistics in range, against real slices / the model's own reconstructions: "
-        f"VQ-VAE + prior; VAE | {100 * vae['vq_in_range_real']:.0f} % / {100 * vae['vq_in_range_own']:.0f} %; "
-        f"{100 * vae['vae_in_range_real']:.0f} % / {100 * vae['vae_in_range_own']:.0f} % |",
+        "| | " + " | ".join(names) + " | reference |", "|---|" + "---|" * len(names) + "---|",
+        row("validation NLL, bits per latent (best epoch)", [f"{fits[n]['bits']:.2f} ({fits[n]['epoch']} of "
+            f"{fits[n]['epochs']})" for n in names], f"code frequencies alone {gen['unigram_bits']:.2f}; PixelCNN "
+            f"without dropout {fits['PixelCNN, no dropout']['bits']:.2f}"),
+        row("sampling speed, maps per second (this CPU, side by side)", each("samples_per_s", ".1f")),
+        row("Fréchet distance to the test split; target at most 2x the reference", [
+            f"{reports[n]['fid_samples_test']:.1f} ({mark(n, 'fid')})" for n in names],
+            f"training split {ref['fid_train_test']:.1f}"),
+        row("kernel distance (KID) to the test split", each("kid_samples_test", ".4f"),
+            f"training split {ref['kid_train_test']:.4f}"),
+        row("precision / recall; target recall above 0.5", [
+            f"{reports[n]['precision']:.2f} / {reports[n]['recall']:.2f} ({mark(n, 'recall')})" for n in names]),
+        row("nearest training map: least fraction of codes that differ; target at least the test maps'", [
+            f"{reports[n]['hamming_samples_min']:.3f} ({mark(n, 'memorisation')})" for n in names],
+            f"test maps {ref['hamming_test_min']:.3f}"),
+        row("diversity: mean pairwise SSIM", each("diversity_samples", ".3f"), f"test slices {ref['diversity_test']:.3f}"),
+        row("own NLL of the samples / of the test maps, bits per latent", [
+            f"{reports[n]['sample_nll_mean']:.2f} / {reports[n]['test_nll_mean']:.2f}" for n in names]),
+        row("inserted lesion vs normal slice, AUROC of the summed / the largest position NLL", [
+            f"{seps[n]['auroc_sum']:.3f} / {seps[n]['auroc_max']:.3f}" for n in names]),
     ]
-    return "\n".join(rows) + "\n"
+    lines = [f"{gen['n_samples']} samples per prior, seed 0, temperature 1, from `gen_8x.pt` (test SSIM "
+             f"{gen['recon_ssim']:.3f}; `default_8x.pt`: {gen['short_recon_ssim']:.3f}).", "", *rows, "",
+             f"Completion from the top half of a test map: SSIM to the real slice {gen['completion_ssim']:.3f}, "
+             f"free samples of the same position bin {gen['free_ssim']:.3f}.", "",
+             "Notebook 07, VQ-VAE (`default_8x.pt`) against VAE (`vae_8x.pt`), 15 epochs each:", "",
+             "| | VQ-VAE | VAE |", "|---|---|---|",
+             f"| test SSIM / PSNR | {vae['vq_ssim']:.3f} / {vae['vq_psnr']:.2f} dB | {vae['vae_ssim']:.3f} / "
+             f"{vae['vae_psnr']:.2f} dB |",
+             f"| high-frequency share of reconstructions (real test slices {vae['hf_real']:.4f}) | "
+             f"{vae['hf_vq_recon']:.4f} | {vae['hf_vae_recon']:.4f} |",
+             f"| same for samples | {vae['hf_vq_samples']:.4f} | {vae['hf_vae_samples']:.4f} |",
+             f"| samples with all four statistics in range, of real slices / of the model's own reconstructions | "
+             f"{100 * vae['vq_in_range_real']:.0f} % / {100 * vae['vq_in_range_own']:.0f} % | "
+             f"{100 * vae['vae_in_range_real']:.0f} % / {100 * vae['vae_in_range_own']:.0f} % |"]
+    return "\n".join(lines) + "\n"
 
 
 def sweeps_markdown(results: dict[str, dict[str, Any]]) -> str:

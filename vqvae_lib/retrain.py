@@ -46,6 +46,15 @@ RECIPES = (
     Recipe("seed_8x", ("train", "--preset", "seed", "--epochs", "15"), 18),
     Recipe("prior_8x", ("prior", "--checkpoint", "{default_8x}/best.pt"), 3),
     Recipe("vae_8x", ("vae", "--downsample", "8", "--epochs", "15"), 2.5),
+    # generation (notebook 06): a sharper 8x model, two priors over its codes and the PixelCNN as before
+    Recipe("gen_8x", ("train", "--preset", "default", "--downsample", "8", "--epochs", "40"), 20),
+    Recipe("pixelcnn_gen_plain", ("prior", "--checkpoint", "{gen_8x}/best.pt"), 3),
+    Recipe("pixelcnn_gen", ("prior", "--checkpoint", "{gen_8x}/best.pt", "--dropout", "0.1", "--epochs", "20"), 8),
+    Recipe("transformer_gen", ("prior", "--checkpoint", "{gen_8x}/best.pt", "--arch", "transformer", "--channels",
+                               "64", "--layers", "4", "--heads", "4", "--dropout", "0.1", "--epochs", "15",
+                               "--precision", "fp32"), 12),
+    # the feature space that judges samples (`sample_metrics`)
+    Recipe("features", ("features",), 3),
 )
 
 
@@ -87,11 +96,19 @@ def _test_scores(recon: np.ndarray, images: np.ndarray) -> dict[str, float]:
     return metrics.score_summary(ssim, metrics.ssim_gaussian(recon, images), psnr)
 
 
+def _validation_score(record: dict[str, Any]) -> float:
+    """Higher is better: a VQ-VAE's or VAE's validation SSIM, a prior's NLL or a feature network's loss negated."""
+    for loss in ("val_nll", "val_loss"):
+        if loss in record:
+            return -record[loss]
+    return record["val_ssim"]
+
+
 def _headline(best: Path, data_dir: Path, device: str) -> dict[str, Any]:
     """What the README and notebooks quote of a checkpoint (a run's best.pt): test scores of a VQ-VAE or VAE
     (`evaluate` for a VQ-VAE), its best validation epoch's record, its training speed, and a VQ-VAE's grid."""
     payload = load_checkpoint(best)
-    record = max(payload["history"], key=lambda r: -r["val_nll"] if "val_nll" in r else r["val_ssim"])
+    record = max(payload["history"], key=_validation_score)
     out: dict[str, Any] = {"best_validation_epoch": record}
     speeds = [r["images_per_s"] for r in payload["history"] if "images_per_s" in r]
     if speeds:
@@ -99,6 +116,8 @@ def _headline(best: Path, data_dir: Path, device: str) -> dict[str, Any]:
     if payload["kind"] == "vqvae":
         out["test"] = train.evaluate(best, data_dir, "test", device=device, progress=False)["summary"]
         out["downsample"] = payload["model_config"]["downsample"]
+    elif payload["kind"] == "prior":
+        out["arch"] = payload["model_config"].get("arch", "pixelcnn")
     elif payload["kind"] == "vae":
         dev = train.select_device(device)
         model, _ = vae.load_vae(best, map_location=dev)

@@ -56,6 +56,8 @@ SCALER_STATE = "scaler_state"  # last.pt of an fp16 run also holds its GradScale
 CONFIG_DEFAULTS = {"precision": "auto", "normalize_mse": False}  # what a run config saved without them meant
 # ... and a model config (VQ-VAE and VAE) saved before the quantizer could be chosen
 MODEL_DEFAULTS = {k: v for k, v in ModelConfig().to_dict().items() if k in ("quantizer", "lookup_dim", "fsq_levels")}
+# ... and a prior's model config saved before the transformer prior (`prior.PriorConfig`'s defaults)
+MODEL_DEFAULTS |= {"arch": "pixelcnn", "dropout": 0.0, "heads": 4, "max_rows": 64, "max_cols": 32}
 DATA_OPTIONS = {"shape_policy": "crop", "normalization": "percentile", "cache": True}  # load_split's defaults
 LOCK = ".lock"
 REPLACED = ".replaced"

@@ -358,6 +358,31 @@ def influence_map(influence: np.ndarray, target: tuple[int, int], path: str | Pa
     return save(fig, path)
 
 
+def likelihood_maps(images: Sequence[np.ndarray], surprise: Sequence[np.ndarray], titles: Sequence[str],
+                    path: str | Path | None, *, outlines: Sequence[np.ndarray | None] | None = None) -> plt.Figure:
+    """Where a prior is surprised: slices (H, W) in [0, 1] (top row) and each one's per-position NLL in bits
+    (h, w) below it, upsampled to the slice and on one colour scale; outlines (H, W) bool (or None) are drawn
+    on both rows."""
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(2.3 * n + 0.9, 5.4), squeeze=False)
+    vmax = float(np.percentile(np.concatenate([np.ravel(s) for s in surprise]), 99.5))
+    for c, (image, bits, title) in enumerate(zip(images, surprise, titles)):
+        factor = image.shape[0] // bits.shape[0]
+        _show(axes[0, c], image, title, 1.0)
+        heat = axes[1, c].imshow(oriented(np.kron(bits, np.ones((factor, factor)))), cmap="magma", vmin=0, vmax=vmax,
+                                 interpolation="nearest")
+        bare(axes[1, c])
+        axes[1, c].set_xlabel(f"sum {bits.sum():,.0f} bits", fontsize=8)
+        outline = outlines[c] if outlines is not None else None
+        if outline is not None and outline.any():
+            for ax in axes[:, c]:
+                ax.contour(oriented(outline.astype(float)), levels=[0.5], colors="#2a9d8f", linewidths=1.2)
+    axes[0, 0].set_ylabel("slice")
+    axes[1, 0].set_ylabel("NLL per position")
+    fig.colorbar(heat, ax=axes[1, :].tolist(), label="bits", shrink=0.9)
+    return save(fig, path)
+
+
 def distributions(values: Mapping[str, Mapping[str, np.ndarray]], path: str | Path | None,
                   baselines: Mapping[str, Mapping[str, float]] | None = None) -> plt.Figure:
     """Histograms per metric and model. values: {metric: {model: (N,) array}}; baselines: {metric: {name: x}}."""
