@@ -42,6 +42,8 @@ CHECKPOINT = "../checkpoints/default.pt"
 DEFAULT_8X_CHECKPOINT = "../checkpoints/default_8x.pt"
 SEED_CHECKPOINT = "../checkpoints/seed_8x.pt"
 PRIOR_CHECKPOINT = "../checkpoints/prior_8x.pt"
+GEN_CHECKPOINT = "../checkpoints/gen_8x.pt"  # the sampler panel's VQ-VAE and prior (notebook 06)
+GEN_PRIOR_CHECKPOINT = "../checkpoints/transformer_gen.pt"
 RESULTS_DIR = "../results/sweeps"  # the committed results of `make sweeps`
 
 # %%
@@ -256,11 +258,18 @@ common = explorer.body_code(middle, threshold=0.3)
 explorer.figure(middle, common, FIGS / "05_explorer_code.png");
 
 # %% [markdown]
-# In a live notebook, slide through the test slices and pick codes yourself:
+# In a live notebook, slide through the test slices and pick codes yourself. Below the explorer, the sampler of
+# notebook 06 (the 8x model `gen_8x.pt` and its transformer prior) draws new slices at the temperature, position
+# bin and seed you choose, and completes the current slice from the row you choose:
 
 # %%
 if INTERACTIVE:
-    display(explorer.widget())
+    from vqvae_lib.explorer import SamplerPanel
+    from vqvae_lib.prior import load_generator, position_bins
+
+    generator = load_generator(GEN_CHECKPOINT, GEN_PRIOR_CHECKPOINT, device=str(device))
+    panel = SamplerPanel(generator, images, [f.name for f in test.files], position_bins(test, generator.positions))
+    display(explorer.widget(), panel.widget(explorer.slider))
 
 # %% [markdown]
 # ## 6. What a slice costs, in bits, next to JPEG

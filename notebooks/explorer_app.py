@@ -18,6 +18,10 @@
 # default checkpoint). Slide through the test slices; choose a code to see where the slice uses it
 # (highlighted on the image and on the index map) and what the code alone decodes to.
 #
+# Below it, the prior of notebook 06 makes slices of its own: **sample** draws new ones (at a chosen
+# slice position, or positions drawn at random), and **complete from this row** keeps the first code rows of the
+# explorer's current slice (the left of each picture, up to the red line) and lets the prior draw the rest.
+#
 # This page is served by Voilà (`make explorer`); the explorer is the one of notebook 05.
 
 # %%

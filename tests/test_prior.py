@@ -206,6 +206,33 @@ def test_cli_prior_resume_and_sample(vq_checkpoint, tiny_phantom, tmp_path, caps
     assert "error: position must be a bin in [0, 8), got 9" in capsys.readouterr().err
 
 
+def test_cli_transformer_prior_with_top_k_and_top_p(vq_checkpoint, tiny_phantom, tmp_path, capsys):
+    from vqvae_lib.cli import main
+    run, png = tmp_path / "transformer", tmp_path / "samples.png"
+    assert main(["prior", "--checkpoint", str(vq_checkpoint), "--data-dir", str(tiny_phantom), "--out", str(run),
+                 "--arch", "transformer", "--channels", "8", "--layers", "1", "--heads", "2", "--dropout", "0.1",
+                 "--epochs", "1", "--limit", "8", "--device", "cpu"]) == 0
+    model, payload = P.load_prior(run / "best.pt")
+    assert isinstance(model, P.TransformerPrior) and payload["model_config"]["dropout"] == 0.1
+    assert main(["sample", "--checkpoint", str(vq_checkpoint), "--prior", str(run / "best.pt"), "--n", "2",
+                 "--out", str(png), "--top-k", "3", "--top-p", "0.9", "--device", "cpu"]) == 0
+    assert png.stat().st_size > 1000
+    with pytest.raises(SystemExit) as error:
+        main(["sample", "--checkpoint", str(vq_checkpoint), "--prior", str(run / "best.pt"), "--out", str(png),
+              "--top-p", "1.5"])
+    assert error.value.code == 2
+    assert "argument --top-p: must be a number in (0, 1], got 1.5" in capsys.readouterr().err
+
+    generator = P.load_generator(vq_checkpoint, run / "best.pt", device="cpu")
+    real = generator.encode(np.zeros((1, 256, 128), dtype=np.float32))[0]
+    images, maps = generator.complete(real, 5, 2, position=3, seed=1)
+    assert images.shape == (2, 256, 128) and (maps[:, :5] == real[:5]).all()
+    surprise = generator.surprise(maps, np.array([3, 3]))
+    assert surprise.shape == (2, 16, 8) and (surprise >= 0).all()
+    with pytest.raises(ValueError, match="rows must be in"):
+        generator.complete(real, 17, 1)
+
+
 def test_the_transformer_sees_every_earlier_position():
     model = small_prior(**ARCHS[1])
     maps, bins = random_maps(), torch.tensor([0, 3])

@@ -61,3 +61,19 @@ def test_fsq_grid_draws_every_code(tmp_path):
     grid = fig.axes[1]
     assert grid.get_title() == "4 x 3 = 12 codes" and len(grid.collections[0].get_offsets()) == 12
     plt.close(fig)
+
+
+def test_likelihood_maps_share_one_colour_scale_and_outline_the_lesion(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [rng.random((32, 16)).astype(np.float32) for _ in range(2)]
+    bits = [np.full((4, 2), 1.0), np.full((4, 2), 3.0)]
+    lesion = np.zeros((32, 16), dtype=bool)
+    lesion[10:14, 6:10] = True
+    fig = viz.likelihood_maps(images, bits, ["normal", "lesion"], tmp_path / "s.png", outlines=[None, lesion])
+    heat = [ax.images[0] for ax in fig.axes[2:4]]
+    assert all(h.get_clim() == heat[0].get_clim() for h in heat) and heat[0].get_clim()[1] >= 3.0
+    assert heat[0].get_array().shape == (16, 32)  # upsampled to the slice, shown as slices are (oriented)
+    assert [len(ax.collections) > 0 for ax in fig.axes[:4]] == [False, True, False, True]  # outlines on both rows
+    assert [ax.get_xlabel() for ax in fig.axes[2:4]] == ["sum 8 bits", "sum 24 bits"]
+    assert len(fig.axes) == 5 and fig.axes[4].get_ylabel() == "bits"  # the colour bar
+    plt.close(fig)

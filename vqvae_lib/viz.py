@@ -364,7 +364,7 @@ def likelihood_maps(images: Sequence[np.ndarray], surprise: Sequence[np.ndarray]
     (h, w) below it, upsampled to the slice and on one colour scale; outlines (H, W) bool (or None) are drawn
     on both rows."""
     n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(2.3 * n + 0.9, 5.4), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(2.3 * n + 1.2, 3.3), squeeze=False)
     vmax = float(np.percentile(np.concatenate([np.ravel(s) for s in surprise]), 99.5))
     for c, (image, bits, title) in enumerate(zip(images, surprise, titles)):
         factor = image.shape[0] // bits.shape[0]
