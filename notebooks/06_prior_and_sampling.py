@@ -85,7 +85,7 @@ print(f"device: {device}; {'full training runs' if full else 'short demonstratio
 #
 # A prior can only be as good as the decoder behind it: a perfect prior over the codes of a blurry model gives
 # blurry slices. Notebook 04's 8x model (`default_8x.pt`) trained for 15 epochs; for generation we train the same
-# recipe for 40 (`gen_8x.pt`, about 20 minutes on a 2-core CPU). Each 256 x 128 slice becomes a 32 x 16 map of
+# recipe for 40 (`gen_8x.pt`, about 35 minutes on a 2-core CPU). Each 256 x 128 slice becomes a 32 x 16 map of
 # indices into a codebook of 512 vectors, 512 positions in all. (The 4x model has four times as many positions:
 # the prior would take four times as long to train and to sample, fine on a GPU, too slow for this notebook on a
 # CPU.)

@@ -47,14 +47,14 @@ RECIPES = (
     Recipe("prior_8x", ("prior", "--checkpoint", "{default_8x}/best.pt"), 3),
     Recipe("vae_8x", ("vae", "--downsample", "8", "--epochs", "15"), 2.5),
     # generation (notebook 06): a sharper 8x model, two priors over its codes and the PixelCNN as before
-    Recipe("gen_8x", ("train", "--preset", "default", "--downsample", "8", "--epochs", "40"), 20),
-    Recipe("pixelcnn_gen_plain", ("prior", "--checkpoint", "{gen_8x}/best.pt"), 3),
-    Recipe("pixelcnn_gen", ("prior", "--checkpoint", "{gen_8x}/best.pt", "--dropout", "0.1", "--epochs", "20"), 8),
+    Recipe("gen_8x", ("train", "--preset", "default", "--downsample", "8", "--epochs", "40"), 35),
+    Recipe("pixelcnn_gen_plain", ("prior", "--checkpoint", "{gen_8x}/best.pt"), 5.5),
+    Recipe("pixelcnn_gen", ("prior", "--checkpoint", "{gen_8x}/best.pt", "--dropout", "0.1", "--epochs", "20"), 14),
     Recipe("transformer_gen", ("prior", "--checkpoint", "{gen_8x}/best.pt", "--arch", "transformer", "--channels",
                                "64", "--layers", "4", "--heads", "4", "--dropout", "0.1", "--epochs", "15",
-                               "--precision", "fp32"), 12),
+                               "--precision", "fp32"), 15),
     # the feature space that judges samples (`sample_metrics`)
-    Recipe("features", ("features",), 3),
+    Recipe("features", ("features",), 1.5),
 )
 
 
