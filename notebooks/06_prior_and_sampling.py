@@ -252,8 +252,9 @@ else:
 # training split has eight times as many slices) is what both need next.
 
 # %%
-histories = {"PixelCNN, no dropout": checkpoint.load_checkpoint(PLAIN_PIXELCNN)["history"],
-             **{name: prior.load_prior(path)[1]["history"] for name, path in PRIORS.items()}}
+runs_of = {"PixelCNN, no dropout": PLAIN_PIXELCNN, **PRIORS}  # a best.pt's history stops at its best epoch:
+histories = {name: checkpoint.load_checkpoint(path.with_name("last.pt"))["history"] if path.name == "best.pt"
+             else manifest[path.name]["history"] for name, path in runs_of.items()}  # the whole run
 viz.curves({f"{name}: NLL (bits per latent)": {
     "training": ([h["epoch"] for h in hist], [h["train_nll"] / math.log(2) for h in hist]),
     "validation": ([h["epoch"] for h in hist], [h["val_bits"] for h in hist]),

@@ -38,6 +38,7 @@ def test_every_checkpoint_is_written_with_its_manifest_entry(built, tiny_phantom
         recipe = next(r for r in RECIPES if f"{r.name}.pt" == name)
         assert entry["command"].startswith(f"hipmri-vqvae {recipe.command[0]} ")
         assert f"--out {root / 'runs' / name[:-3]} --resume auto" in entry["command"]
+        assert entry["history"] == load_checkpoint(root / "runs" / name[:-3] / "last.pt")["history"]
     assert manifest["checkpoints"]["default_8x.pt"]["metrics"]["test"]["n_slices"] == 60
     assert "val_nll" in manifest["checkpoints"]["prior_8x.pt"]["metrics"]["best_validation_epoch"]
     # the prior was trained on the VQ-VAE of this build, not on a committed one

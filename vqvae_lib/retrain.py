@@ -3,8 +3,9 @@
 The models train in dependency order (the prior after the VQ-VAE it encodes with), each in its own run folder
 under `runs` with `--resume auto`, so a killed or requeued job continues where it stopped. Only when all of
 them have finished are they copied into the checkpoint folder, together with MANIFEST.json: for each file its
-sha256, the exact command, the data's fingerprint, the code revision, the training time, the machine and its
-headline metrics (test scores from `evaluate`, the prior's validation NLL).
+sha256, the exact command, the data's fingerprint, the code revision, the training time, the machine, the
+run's whole history (one record per epoch) and its headline metrics (test scores from `evaluate`, the prior's
+validation NLL).
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def build(data_dir: str | Path, runs: str | Path, out: str | Path, *, device: st
         history = load_checkpoint(folders[recipe.name] / "last.pt")["history"]
         entries[recipe.name] = {"command": shown_command(command), "epochs": len(history),
                                 "train_seconds": round(sum(r["seconds"] for r in history), 1),
-                                "this_call_seconds": round(time.perf_counter() - started, 1)}
+                                "this_call_seconds": round(time.perf_counter() - started, 1),
+                                "history": history}  # the whole run: a best.pt's own stops at its epoch
     fingerprint, host = data_fingerprint(data_dir), machine(device)
     manifest = {"command": "make checkpoints", "data_dir": shown_path(data_dir), "data_sha256": fingerprint,
                 "code_revision": revision, "machine": host, "baselines": {"mean_image": _baseline(data_dir)},
