@@ -5,7 +5,7 @@
 #   make lab       open the series in JupyterLab
 #   make explorer  serve the codebook explorer as a web page (Voila) on 127.0.0.1
 #   make bench     benchmark data loading, training and evaluation on the full-size phantom
-#   make checkpoints  retrain every committed checkpoint from the current code (resumable; about two and a half hours on
+#   make checkpoints  retrain every committed checkpoint from the current code (resumable; about two hours on
 #                  a 2-core CPU) and write checkpoints/MANIFEST.json
 #   make sweeps    the short runs behind notebooks 03, 05 and 08 (resumable; about an hour on a 2-core CPU), one
 #                  result JSON per run in results/sweeps/

@@ -135,17 +135,18 @@ def generation_markdown(gen: dict[str, Any], vae: dict[str, Any]) -> str:
     def mark(n: str, target: str) -> str:
         return "met" if reports[n]["targets"][target] else "**missed**"
 
+    fit = {n: fits[gen["made_by"][n]] for n in names}
     rows = [
         "| | " + " | ".join(names) + " | reference |", "|---|" + "---|" * len(names) + "---|",
-        row("validation NLL, bits per latent (best epoch)", [f"{fits[n]['bits']:.2f} ({fits[n]['epoch']} of "
-            f"{fits[n]['epochs']})" for n in names], f"code frequencies alone {gen['unigram_bits']:.2f}; PixelCNN "
+        row("validation NLL of the prior, bits per latent (best epoch)", [f"{fit[n]['bits']:.2f} ({fit[n]['epoch']} of "
+            f"{fit[n]['epochs']})" for n in names], f"code frequencies alone {gen['unigram_bits']:.2f}; PixelCNN "
             f"without dropout {fits['PixelCNN, no dropout']['bits']:.2f}"),
         row("sampling speed, maps per second (this CPU, side by side)", each("samples_per_s", ".1f")),
         row("Fréchet distance to the test split; target at most 2x the reference", [
             f"{reports[n]['fid_samples_test']:.1f} ({mark(n, 'fid')})" for n in names],
             f"training split {ref['fid_train_test']:.1f}"),
-        row("kernel distance (KID) to the test split", each("kid_samples_test", ".4f"),
-            f"training split {ref['kid_train_test']:.4f}"),
+        row("kernel distance (KID) to the test split", each("kid_samples_test", ".1f"),
+            f"training split {ref['kid_train_test']:.1f}"),
         row("precision / recall; target recall above 0.5", [
             f"{reports[n]['precision']:.2f} / {reports[n]['recall']:.2f} ({mark(n, 'recall')})" for n in names]),
         row("nearest training map: least fraction of codes that differ; target at least the test maps'", [
@@ -154,11 +155,17 @@ def generation_markdown(gen: dict[str, Any], vae: dict[str, Any]) -> str:
         row("diversity: mean pairwise SSIM", each("diversity_samples", ".3f"), f"test slices {ref['diversity_test']:.3f}"),
         row("own NLL of the samples / of the test maps, bits per latent", [
             f"{reports[n]['sample_nll_mean']:.2f} / {reports[n]['test_nll_mean']:.2f}" for n in names]),
-        row("inserted lesion vs normal slice, AUROC of the summed / the largest position NLL", [
-            f"{seps[n]['auroc_sum']:.3f} / {seps[n]['auroc_max']:.3f}" for n in names]),
     ]
+    priors = list(seps)
+    rows_lesion = ["| inserted lesion vs normal slice | " + " | ".join(priors) + " |", "|---|" + "---|" * len(priors),
+                   "| AUROC of the summed NLL | " + " | ".join(f"{seps[n]['auroc_sum']:.3f}" for n in priors) + " |",
+                   "| AUROC of the largest position NLL | " + " | ".join(f"{seps[n]['auroc_max']:.3f}" for n in priors)
+                   + " |",
+                   "| lesioned version scores higher than its own normal slice | "
+                   + " | ".join(f"{100 * seps[n]['paired']:.0f} %" for n in priors) + " |"]
     lines = [f"{gen['n_samples']} samples per prior, seed 0, temperature 1, from `gen_8x.pt` (test SSIM "
              f"{gen['recon_ssim']:.3f}; `default_8x.pt`: {gen['short_recon_ssim']:.3f}).", "", *rows, "",
+             *rows_lesion, "",
              f"Completion from the top half of a test map: SSIM to the real slice {gen['completion_ssim']:.3f}, "
              f"free samples of the same position bin {gen['free_ssim']:.3f}.", "",
              "Notebook 07, VQ-VAE (`default_8x.pt`) against VAE (`vae_8x.pt`), 15 epochs each:", "",
