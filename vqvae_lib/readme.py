@@ -163,10 +163,10 @@ def generation_markdown(gen: dict[str, Any], vae: dict[str, Any]) -> str:
                    + " |",
                    "| lesioned version scores higher than its own normal slice | "
                    + " | ".join(f"{100 * seps[n]['paired']:.0f} %" for n in priors) + " |"]
-    lines = [f"{gen['n_samples']} samples per prior, seed 0, temperature 1, from `gen_8x.pt` (test SSIM "
+    lines = [f"{gen['n_samples']} samples per prior and setting, seed 0, temperature 1, from `gen_8x.pt` (test SSIM "
              f"{gen['recon_ssim']:.3f}; `default_8x.pt`: {gen['short_recon_ssim']:.3f}).", "", *rows, "",
              *rows_lesion, "",
-             f"Completion from the top half of a test map: SSIM to the real slice {gen['completion_ssim']:.3f}, "
+             f"Completion from the first half of a test map's rows: SSIM to the real slice {gen['completion_ssim']:.3f}, "
              f"free samples of the same position bin {gen['free_ssim']:.3f}.", "",
              "Notebook 07, VQ-VAE (`default_8x.pt`) against VAE (`vae_8x.pt`), 15 epochs each:", "",
              "| | VQ-VAE | VAE |", "|---|---|---|",
