@@ -79,6 +79,17 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+def _slices_and_names(images: np.ndarray, names: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+    """Slices (N, H, W) as float32 and their N names (default "slice i"); ValueError for other shapes or counts."""
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 3:
+        raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
+    names = [f"slice {i}" for i in range(len(images))] if names is None else list(names)
+    if len(names) != len(images):
+        raise ValueError(f"{len(names)} names for {len(images)} images")
+    return images, names
+
+
 class CodebookExplorer:
     """Encoded test slices with their index maps and reconstructions, for browsing the codebook.
 
@@ -90,16 +101,10 @@ class CodebookExplorer:
 
     def __init__(self, model, images: np.ndarray, names: Sequence[str] | None = None, *,
                  device: str | torch.device = "cpu", batch_size: int = 64, progress: bool = False):
-        images = np.asarray(images, dtype=np.float32)
-        if images.ndim != 3:
-            raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
-        if names is None:
-            names = [f"slice {i}" for i in range(len(images))]
-        if len(names) != len(images):
-            raise ValueError(f"{len(names)} names for {len(images)} images")
+        images, names = _slices_and_names(images, names)
         self.model = model
         self.images = images
-        self.names = list(names)
+        self.names = names
         self.device = torch.device(device)
         self.n_codes = int(model.config.codebook_size)
         self.downsample = int(model.config.downsample)
@@ -324,18 +329,12 @@ class SamplerPanel:
 
     def __init__(self, generator: SliceGenerator, images: np.ndarray, names: Sequence[str] | None = None,
                  bins: np.ndarray | None = None):
-        images = np.asarray(images, dtype=np.float32)
-        if images.ndim != 3:
-            raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
-        if names is None:
-            names = [f"slice {i}" for i in range(len(images))]
-        if len(names) != len(images):
-            raise ValueError(f"{len(names)} names for {len(images)} images")
+        images, names = _slices_and_names(images, names)
         if bins is not None and len(bins) != len(images):
             raise ValueError(f"{len(bins)} position bins for {len(images)} images")
         self.generator = generator
         self.images = images
-        self.names = list(names)
+        self.names = names
         self.bins = None if bins is None else np.asarray(bins, dtype=np.int64)
         self.maps = generator.encode(images)
         if self.maps.shape[1:] != generator.latent_shape:

@@ -46,7 +46,7 @@ from .data import SplitData, load_split
 from .fileio import atomic_write
 from .model import VQVAE
 from .train import (autocast, check_run_settings, checkpoint_precision, cudnn_autotune, for_device, grad_scaler,
-                    optimizer_for, optimizer_step, select_device)
+                    optimizer_for, optimizer_step, run_config, select_device)
 
 
 ARCHS = ("pixelcnn", "transformer")
@@ -501,15 +501,7 @@ class PriorTrainConfig:
 
 def make_prior_config(**settings: Any) -> PriorTrainConfig:
     """A PriorTrainConfig from PriorTrainConfig and PriorConfig fields (e.g. epochs=2, channels=32)."""
-    model_fields = {f.name for f in dataclasses.fields(PriorConfig)}
-    train_fields = {f.name for f in dataclasses.fields(PriorTrainConfig)}
-    unknown = sorted(set(settings) - model_fields - train_fields)
-    if unknown:
-        raise ValueError(f"unknown prior settings {', '.join(unknown)}; "
-                         f"train settings: {', '.join(sorted(train_fields))}; "
-                         f"model settings: {', '.join(sorted(model_fields))}")
-    model = {**settings.pop("model", {}), **{k: settings.pop(k) for k in model_fields & set(settings)}}
-    return PriorTrainConfig(**settings, model=model)
+    return run_config(PriorTrainConfig, PriorConfig, "prior", settings)
 
 
 def load_prior(path: str | Path, map_location: str | torch.device = "cpu"

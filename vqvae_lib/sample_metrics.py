@@ -38,7 +38,7 @@ from .data import LABELS, SplitData, find_split_dirs, load_split
 from .metrics import ssim_psnr
 from .prior import position_bins
 from .train import (autocast, batch_to, check_run_settings, cudnn_autotune, for_device, grad_scaler, optimizer_for,
-                    optimizer_step, resident_images, select_device)
+                    optimizer_step, resident_images, run_config, select_device)
 
 ORGANS = LABELS[2:]  # bone, bladder, rectum, prostate: the organ head says which of these a slice shows
 
@@ -169,15 +169,7 @@ class FeatureTrainConfig:
 
 def make_feature_config(**settings: Any) -> FeatureTrainConfig:
     """A FeatureTrainConfig from FeatureTrainConfig and FeatureConfig fields (e.g. epochs=2, channels=[8, 8])."""
-    model_fields = {f.name for f in dataclasses.fields(FeatureConfig)}
-    train_fields = {f.name for f in dataclasses.fields(FeatureTrainConfig)}
-    unknown = sorted(set(settings) - model_fields - train_fields)
-    if unknown:
-        raise ValueError(f"unknown feature settings {', '.join(unknown)}; "
-                         f"train settings: {', '.join(sorted(train_fields))}; "
-                         f"model settings: {', '.join(sorted(model_fields))}")
-    model = {**settings.pop("model", {}), **{k: settings.pop(k) for k in model_fields & set(settings)}}
-    return FeatureTrainConfig(**settings, model=model)
+    return run_config(FeatureTrainConfig, FeatureConfig, "feature", settings)
 
 
 def train_features(data_dir: str | Path, out_dir: str | Path, config: FeatureTrainConfig, *, resume: bool = False,

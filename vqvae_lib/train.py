@@ -73,6 +73,21 @@ def check_run_settings(config: Any) -> None:
             raise ValueError(message)
 
 
+def run_config(train_cls: type, model_cls: type, what: str, settings: dict[str, Any]) -> Any:
+    """A run config `train_cls` (a prior's or a feature network's) from settings that mix its own fields and
+    those of its model config `model_cls` (e.g. epochs=2, channels=32); ValueError naming unknown `what` settings."""
+    model_fields = {f.name for f in dataclasses.fields(model_cls)}
+    train_fields = {f.name for f in dataclasses.fields(train_cls)}
+    unknown = sorted(set(settings) - model_fields - train_fields)
+    if unknown:
+        raise ValueError(f"unknown {what} settings {', '.join(unknown)}; "
+                         f"train settings: {', '.join(sorted(train_fields))}; "
+                         f"model settings: {', '.join(sorted(model_fields))}")
+    settings = dict(settings)
+    model = {**settings.pop("model", {}), **{k: settings.pop(k) for k in model_fields & set(settings)}}
+    return train_cls(**settings, model=model)
+
+
 def optimizer_for(model: torch.nn.Module, config: Any, steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """Adam at config.lr and the scheduler of config's schedule over `steps` optimiser steps.
 
