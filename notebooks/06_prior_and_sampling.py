@@ -30,7 +30,7 @@
 #
 # **Prerequisites:** notebooks 03 to 05.
 #
-# **Expected run time:** about 6 minutes on a 2-core CPU (measured by `make figures`: a short demonstration run of
+# **Expected run time:** about 4 minutes on a 2-core CPU (measured by `make figures`: a short demonstration run of
 # the transformer; the figures and numbers use the committed checkpoints). With a GPU the notebook trains both
 # full priors itself.
 
