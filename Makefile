@@ -9,6 +9,8 @@
 #                  a 2-core CPU) and write checkpoints/MANIFEST.json
 #   make sweeps    the short runs behind notebooks 03, 05 and 08 (resumable; about an hour on a 2-core CPU), one
 #                  result JSON per run in results/sweeps/
+#   make book      the series as a static website, build/book/html, from the notebooks `make figures` executed
+#                  (no re-execution), and its screenshot figures/book_page.png
 #   make ipynb     regenerate the published notebooks in colab/
 PYTHON ?= python3
 DATA_DIR ?= data/phantom
@@ -18,8 +20,8 @@ DEVICE ?= auto
 LAB_DIR ?= .
 LAB_ARGS ?=
 
-.PHONY: setup figures test lab explorer bench checkpoints sweeps ipynb lock clean
-setup ipynb lock:
+.PHONY: setup figures test lab explorer bench checkpoints sweeps book ipynb lock clean
+setup book ipynb lock:
 	$(PYTHON) make.py $@
 
 figures explorer:

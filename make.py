@@ -10,6 +10,7 @@ macOS need no `make`). Each sets up .venv first, if it is missing or older than 
     python make.py bench       the benchmarks on the full-size phantom (--device cuda on a GPU)
     python make.py checkpoints retrain every committed checkpoint (resumable; about an hour on a 2-core CPU)
     python make.py sweeps      the short runs behind notebooks 03, 05 and 08 (resumable; about an hour on a CPU)
+    python make.py book        the series as a website (build/book/html) of the notebooks `figures` executed
     python make.py ipynb       regenerate the published notebooks in colab/
     python make.py lock        rewrite constraints.txt from .venv (after changing pyproject.toml)
 """
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("target", choices=["setup", "figures", "test", "lab", "explorer", "bench", "checkpoints",
-                                           "sweeps", "ipynb", "lock"])
+                                           "sweeps", "book", "ipynb", "lock"])
     parser.add_argument("--data-dir", default="data/phantom", help="figures, explorer: the data (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="bench, checkpoints, sweeps: auto, cpu, cuda or mps (default: %(default)s)")
     parser.add_argument("--lab-dir", default=".", help="lab: the folder JupyterLab shows (default: the repository)")
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         run(*cli, "bench", "--data-dir", "data/phantom-full", "--device", args.device, "--json", "build/bench.json")
     elif args.target in ("checkpoints", "sweeps"):
         run(*cli, args.target, "--device", args.device)
+    elif args.target == "book":
+        run(*cli, "book", "--screenshot", "figures/book_page.png")
     elif args.target == "ipynb":
         run(*cli, "ipynb")
 

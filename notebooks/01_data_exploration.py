@@ -14,14 +14,14 @@
 # %% [markdown]
 # # 01 · Exploring the HipMRI prostate MRI slices
 #
-# Before we build a VQ-VAE we look hard at the data it will compress. By the end of this notebook you will
-# know
+# Before we build a VQ-VAE we look hard at the data it will compress. You will learn
 #
 # - how the HipMRI 2D slices are laid out on disk, and how the splits are made (by patient);
 # - what one slice is: a NIfTI file holding a 256 x 128 array of scanner intensities;
 # - why a few slices are 256 x 144, and what the loader does with them;
 # - how we map scanner intensities to the [0, 1] range the model sees;
-# - what the anatomy and its six labels look like, and how rare the small organs are.
+# - what the anatomy and its six labels look like, and how rare the small organs are;
+# - how the slices reach PyTorch as batches of `(1, H, W)` tensors.
 #
 # **Prerequisites:** Python and NumPy. No deep learning yet.
 #
@@ -29,8 +29,9 @@
 # `python -m vqvae_lib phantom --out data/phantom`). Point `DATA_DIR` at the real
 # `HipMRI_study_keras_slices_data` folder and every cell runs unchanged.
 #
-# **Expected run time:** about 30 s on a 2-core CPU for the default phantom (the first run decodes the
-# slices and caches them); no GPU is used.
+# **Expected run time:** about 25 s on a 2-core CPU for the default phantom (measured by `make figures`; the
+# first run also decodes the slices and caches them). Nothing here is trained and no GPU is used, so a GPU
+# does not change it.
 #
 # **What the phantom is, and what it is not.** The phantom copies what a loader and a model meet in the
 # real slices: the layout and file names, the patient-level splits, 256 x 128 float32 slices in scanner units
@@ -40,7 +41,7 @@
 # have real anatomy's variety and detail (every organ is a smooth parametric shape, there are no tumours,
 # implants, fiducial markers or catheters, no zonal anatomy beyond a brighter peripheral zone), nor the
 # artefacts of real scans (motion, ghosting, wrap-around, chemical shift, intensity steps between
-# acquisitions), nor the real data's numbers: the default phantom has 4 training patients, the real data 32.
+# acquisitions), nor the real data's numbers: the default phantom has 4 training patients, the real data 31.
 # So a model's scores here teach how the method behaves; they do not predict its scores on real scans, which
 # can be higher (more patients to learn from) or lower (texture and artefacts that no 4x bottleneck keeps).
 
@@ -68,7 +69,7 @@ import numpy as np
 import torch
 
 import vqvae_lib
-from vqvae_lib import data, viz
+from vqvae_lib import data, viz, widgets
 from vqvae_lib.claims import Claims
 from vqvae_lib.phantom import REAL_LABEL_SHARES
 
@@ -146,7 +147,8 @@ print(f"intensities: min {array.min():.1f}, median {np.median(array):.1f}, max {
 #   body axis are lost, and the pixel size is unchanged;
 # - `pad`: zero-pad to a larger working shape (use it with `shape=(256, 144)`: then every *other* slice is
 #   padded);
-# - `resize`: resample to 256 x 128, which squeezes the anatomy by 11 % along one axis;
+# - `resize`: resample to 256 x 128, which squeezes the anatomy by 11 % along one axis (a factor
+#   $128/144 \approx 0.89$: each pixel then covers $144/128 = 1.125$ times as much of the body axis);
 # - `error`: refuse, for pipelines that must never alter data.
 
 # %%
@@ -179,11 +181,16 @@ print(f"{len(train.reshaped)} slices reshaped", [r[0] for r in train.reshaped[:3
 # ## 5. Intensities and normalisation
 #
 # The network wants inputs on a fixed scale. We divide each slice by its own 99.5th percentile and clip to
-# [0, 1] (`normalization="percentile"`). Per slice, because the overall brightness changes from scan to
+# [0, 1] (`normalization="percentile"`): for a slice $x$ of scanner intensities,
+#
+# $$\tilde x = \operatorname{clip}_{[0,1]}\!\left(\frac{x}{s}\right), \qquad s = P_{99.5}(x),$$
+#
+# where $P_{99.5}(x)$ is the 99.5th percentile of the slice's pixel values (a slice with $s \le 0$ becomes all
+# zeros). Per slice, because the overall brightness changes from scan to
 # scan with the coil and the patient; by a high percentile rather than the maximum, because a few very
 # bright voxels (urine, fat near the coil) would otherwise squash the rest of the slice into a narrow dark
-# range. Intensities are non-negative, so the black background stays at 0. The factor is kept
-# (`SplitData.scales`) to map back to scanner units.
+# range. Intensities are non-negative, so the black background stays at 0. The factor $s$ is kept
+# (`SplitData.scales`) to map back to scanner units: $x = s\,\tilde x$ wherever $x \le s$.
 #
 # Histograms of a random sample of slices per split, before and after (log scale: most voxels are
 # background):
@@ -227,6 +234,15 @@ middle = scan_rows[len(scan_rows) // 2 - 12 : len(scan_rows) // 2 + 13 : 6]
 viz.slices_and_labels([train.images[i] for i in middle], [train.masks[i] for i in middle],
                       [train.files[i].name.replace("_week", "\nweek") for i in middle],
                       FIGS / "01_slices_and_labels.png");
+
+# %% [markdown]
+# The browser below holds every slice of every training scan. Choose a scan and slide through it, switch the
+# labels off to see how much of each organ you can make out without them, and follow one patient's bladder from
+# week to week.
+
+# %%
+browser = widgets.ScanBrowser(train)
+widgets.show(browser, INTERACTIVE)
 
 # %% [markdown]
 # The organs we care about most are tiny: the prostate fills about a thousandth of a scan. Below, the
@@ -277,12 +293,124 @@ print(claims)
 # %% [markdown]
 # ## Questions
 #
-# 1. Why would a random slice-level split overestimate test performance? How many test patients does the
-#    real data set have, and what does that mean for the uncertainty of a test score?
-# 2. Mean SSIM on these slices counts the black background. What SSIM would a model that outputs pure
-#    black get on a slice that is about 43 % background, the slices' share in the table above (60 % is the
-#    share of the 3D volumes)? (Try it with `skimage.metrics.structural_similarity`.)
-# 3. Cropping, padding or resizing the 256 x 144 slices: which one changes what a pixel means, and which
-#    one changes what the model sees at the edges?
-# 4. Percentile normalisation is per slice. What information does it throw away, and when could that
-#    matter for a generative model?
+# Each question has a worked answer: open it when you have tried. Where the answer can be computed, the
+# hidden cell after it computes it (in JupyterLab click the collapsed cell to show it).
+
+# %% [markdown]
+# **Question 1.** Why would a random slice-level split overestimate test performance? How many test patients
+# does the real data set have, and what does that mean for the uncertainty of a test score?
+#
+# <details><summary>Answer</summary>
+#
+# The slices of one patient are close relatives: neighbouring slices of a scan are adjacent parallel planes
+# through the same organs, and the weekly scans repeat the same anatomy. With a random split by slice almost every
+# test slice would have a neighbour or a twin from another week in the training split, so the test score
+# would measure how well the model reproduces anatomy it has already seen, not how it does on a new patient,
+# which is the only situation that matters in use.
+#
+# The real data set has 3 test patients (cases 040 to 042); the hidden cell prints the patients per split of
+# the real data and of this data set. The test split's 540 real slices are not 540 independent samples: the
+# unit of independent evidence is closer to the patient. If patient means of a score scatter with standard
+# deviation $s_p$, the mean over $n$ patients has a standard error of about $s_p/\sqrt{n}$, and with $n = 3$
+# that is more than half of $s_p$. Two models whose test SSIM differ by less than that cannot be told apart;
+# report scores per patient or per scan with their spread (notebook 05 shows them per scan).
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+from vqvae_lib.phantom import MISSING_CASE, SPLIT_CASES
+
+print("real data set, patients per split:",
+      {split: len([c for c in ids if c != MISSING_CASE]) for split, ids in SPLIT_CASES.items()})
+print("this data set, patients per split:", {split: len(c) for split, c in cases.items()})
+
+# %% [markdown]
+# **Question 2.** Mean SSIM on these slices counts the black background. What SSIM would a model that outputs
+# pure black get on a slice that is about 43 % background, the slices' share in the table above (60 % is the
+# share of the 3D volumes)? (Try it with `skimage.metrics.structural_similarity`.)
+#
+# <details><summary>Answer</summary>
+#
+# SSIM compares every 7 x 7 window of the slice $x$ with the same window of the output $y$ and averages the
+# map:
+#
+# $$\mathrm{SSIM}(x, y) = \frac{(2\mu_x\mu_y + C_1)(2\sigma_{xy} + C_2)}{(\mu_x^2 + \mu_y^2 + C_1)(\sigma_x^2 + \sigma_y^2 + C_2)},
+# \qquad C_1 = (0.01 L)^2,\ C_2 = (0.03 L)^2,$$
+#
+# with local means $\mu$, variances $\sigma^2$ and covariance $\sigma_{xy}$, and the data range $L = 1$. For a
+# black output $\mu_y = \sigma_y = \sigma_{xy} = 0$, so each window scores
+# $\frac{C_1}{\mu_x^2 + C_1}\cdot\frac{C_2}{\sigma_x^2 + C_2}$: exactly 1 where the slice's window is exactly 0, and
+# almost 0 on the body, where $\mu_x \gg 0.01$. The naive answer is therefore the share of windows that lie
+# wholly in the background, a little below the 43 % pixel share, because windows that touch the body count
+# as body.
+#
+# But the background is not exactly 0: like a real MRI, the phantom has a noise floor, and a background mean
+# $\mu_x$ above $0.01$ already makes $\mu_x^2$ larger than $C_1 = 10^{-4}$, and the window's score drops below
+# one half. The hidden cell prints the
+# background share, the mean background intensity, and the SSIM of a black output against a few training
+# slices, once with their background set to exactly 0 (the naive case) and once as they are. The lesson for
+# later notebooks: an SSIM averaged over the whole slice is partly a score of the background, so we also
+# measure it inside the body (notebook 05).
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+from skimage.metrics import structural_similarity
+
+sample = np.linspace(0, len(train.images) - 1, 8).astype(int)
+images, backgrounds = np.asarray(train.images)[sample], np.asarray(train.masks)[sample] == 0
+zeroed = np.where(backgrounds, 0.0, images).astype(np.float32)
+black = np.zeros_like(images[0])
+print(f"{len(sample)} training slices: background share {backgrounds.mean():.1%}, "
+      f"mean background intensity {images[backgrounds].mean():.4f}")
+print(f"SSIM of a black output, background set to 0: "
+      f"{np.mean([structural_similarity(x, black, data_range=1.0) for x in zeroed]):.3f}")
+print(f"SSIM of a black output, slices as they are: "
+      f"{np.mean([structural_similarity(x, black, data_range=1.0) for x in images]):.3f}")
+
+# %% [markdown]
+# **Question 3.** Cropping, padding or resizing the 256 x 144 slices: which one changes what a pixel means, and
+# which one changes what the model sees at the edges?
+#
+# <details><summary>Answer</summary>
+#
+# Resizing changes what a pixel means: it resamples 144 columns into 128, so in those 60 slices a pixel spans
+# $144/128 = 1.125$ times as much of the body axis as in every other slice, and the anatomy is squeezed by
+# 11 %. The model would see organs of a size that no other scan has, and no crop or pad can tell it so.
+#
+# Cropping and padding keep the pixel size and change the edges instead. Cropping cuts the 8 outermost
+# columns from each side of those 60 slices: that anatomy is lost, but every pixel the model sees is a real
+# one. Padding to a larger working shape adds columns of zeros, and with `shape=(256, 144)` it does so to
+# every *other* slice: the model sees an artificial black band at both edges of almost all of its inputs,
+# and must spend capacity to reproduce it. The figure of section 4 shows crop, resize and pad side by side.
+#
+# </details>
+
+# %% [markdown]
+# **Question 4.** Percentile normalisation is per slice. What information does it throw away, and when could
+# that matter for a generative model?
+#
+# <details><summary>Answer</summary>
+#
+# It throws away the factor $s = P_{99.5}(x)$ of each slice: how bright the slice is relative to its
+# neighbours in the same scan, to the same patient's other weeks and to other patients. Inside a slice the
+# contrast survives (all pixels are divided by one number), except above the percentile: the brightest
+# pixels are clipped to 1 and lose their differences. The hidden cell prints how much $s$ varies within one
+# scan and over the training split, and the share of pixels clipped to 1.
+#
+# A model of single slices never needs $s$. It matters as soon as the model should say something across
+# slices: stacking generated slices into a volume gives brightness jumps between neighbours that a real scan
+# does not have; the same tissue takes different values in two slices when one of them holds bright urine,
+# which raises $s$ and so darkens everything else in it; a real change in overall signal (a failing coil) is
+# normalised away and can be neither detected nor generated; and mapping a generated slice back
+# to scanner units needs an $s$ the model never produced. Keeping $s$ as an extra input or output, or
+# normalising per scan instead of per slice, keeps that information.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+scan_scales = train.scales[scan_rows]
+print(f"scale s within case {train.cases[0]:03d} week {train.weeks[0]}: {scan_scales.min():.0f}..{scan_scales.max():.0f} "
+      f"(x{scan_scales.max() / scan_scales.min():.2f}); over the training split: "
+      f"{train.scales.min():.0f}..{train.scales.max():.0f} (x{train.scales.max() / train.scales.min():.2f})")
+print(f"pixels clipped to 1: {np.mean([(np.asarray(train.images[i]) >= 1).mean() for i in scan_rows]):.2%} per slice")

@@ -22,7 +22,8 @@
 #   we can draw it, with the Voronoi cells of the codes);
 # - why the gradient can pass through a non-differentiable lookup (the straight-through estimator), and a
 #   check that it does exactly what the text says;
-# - the codebook and commitment losses, and the EMA alternative to the codebook loss;
+# - the codebook and commitment losses, the EMA alternative to the codebook loss, and perplexity, the measure
+#   of how evenly the codebook is used;
 # - **codebook collapse**: why the plain recipe leaves most codes unused, and how data-dependent
 #   initialisation, EMA updates and dead-code restarts fix it, on the toy and on MRI slices;
 # - which fix does what, taken apart: on a toy whose clusters move, and in eight runs on slices;
@@ -32,7 +33,8 @@
 # **Prerequisites:** notebook 02; k-means helps.
 #
 # **Expected run time:** about 3 min on a 2-core CPU (measured by `make figures`; most of it the collapse
-# experiment on slices and one training run that checks a committed result); no GPU needed.
+# experiment on slices and one training run that checks a committed result). No GPU is needed: the models
+# here are small and their runs short.
 
 # %% tags=["parameters"]
 SMOKE = False  # fast settings for the tests
@@ -58,7 +60,7 @@ import numpy as np
 import torch
 
 import vqvae_lib
-from vqvae_lib import data, metrics, sweeps, viz
+from vqvae_lib import data, diagrams, metrics, sweeps, viz, widgets
 from vqvae_lib.claims import Claims
 from vqvae_lib.model import VQVAE, ModelConfig
 from vqvae_lib.quantizer import VectorQuantizer, nearest_code
@@ -71,10 +73,17 @@ print(f"python {platform.python_version()}, torch {torch.__version__}, vqvae_lib
 # %% [markdown]
 # ## 1. The nearest code
 #
-# The encoder gives one D-dimensional vector z per latent cell. The quantizer keeps a codebook
-# e_1..e_K and picks for each z the code with the smallest squared distance. Computing all N x K
-# distances as differences would build an N x K x D tensor; expanding the square,
-# ||z - e||² = ||z||² - 2 z·e + ||e||², needs only one N x K matrix product:
+# The encoder gives one $D$-dimensional vector $z$ per latent cell. The quantizer keeps a codebook
+# $e_1, \dots, e_K$ and picks for each $z$ the code with the smallest squared distance,
+#
+# $$k(z) = \arg\min_{k} \|z - e_k\|^2, \qquad z_q = e_{k(z)}.$$
+#
+# Computing all $N \times K$ distances as differences would build an $N \times K \times D$ tensor; expanding the
+# square,
+#
+# $$\|z - e_k\|^2 = \|z\|^2 - 2\, z^\top e_k + \|e_k\|^2,$$
+#
+# needs only one $N \times K$ matrix product (the middle term), always computed in full fp32:
 
 # %%
 viz.show_source(nearest_code)
@@ -86,8 +95,9 @@ viz.show_source(nearest_code)
 # circle away from the origin (encoder outputs need not be centred). Each code owns the region of the plane closer to it than to any other code, its Voronoi cell.
 # We train two quantizers of K = 32 codes on the same points:
 #
-# - **plain**: the paper's recipe, codes initialised uniformly in [-1/K, 1/K] and moved by gradient
-#   descent on the codebook loss ||sg[z] - e||²;
+# - **plain**: the paper's recipe, codes initialised uniformly, $e_k \sim \mathcal{U}[-1/K, 1/K]^D$, and moved by
+#   gradient descent on the codebook loss $\|\operatorname{sg}[z] - e\|^2$ ($\operatorname{sg}$: stop-gradient, the
+#   identity in the forward pass with zero gradient, `.detach()` in code);
 # - **full**: codes initialised by k-means on the first batch, updated as exponential moving averages of
 #   the points assigned to them, and dead codes restarted on data points.
 
@@ -147,20 +157,37 @@ claims(dead_radius <= 1 / 32, "the dead plain codes stay where they started", f"
 # never receive a gradient, and stay dead at the origin forever: **codebook collapse**. The full variant
 # starts where the data is, and a code that stops winning points is moved onto a data point.
 #
+# The panel below trains the same toy again (150 steps) with the fixes you switch on. Try each fix alone and
+# count the dead codes (black crosses), then change K. Here the encoder outputs (dark points) may move: a stand-in
+# for the reconstruction loss holds each to its data point while the commitment loss pulls it towards its code,
+# so at beta = 0 they stay on the data, as above, and the larger beta, the closer they sit on their codes.
+
+# %%
+toy_panel = widgets.ToyQuantizerPanel(toy.numpy(), seed=SEED)
+widgets.show(toy_panel, INTERACTIVE)
+
+# %% [markdown]
 # ## 3. The straight-through gradient
 #
-# The lookup z -> e_k(z) has zero gradient almost everywhere, so the encoder could not learn through it.
-# The paper copies the decoder's gradient with respect to the quantized vector straight to the encoder
-# output. In code this is one line, `e.detach() + (z_e - z_e.detach())`: its value is exactly the code e
-# (the bracket is zero), and its gradient with respect to z_e is the identity (the bracket's first term).
+# The lookup $z_e \mapsto e_{k(z_e)}$ is piecewise constant: its gradient is zero almost everywhere, so the
+# encoder could not learn through it. The paper copies the decoder's gradient with respect to the quantized
+# vector straight to the encoder output (the **straight-through estimator**):
+#
+# $$z_q = \operatorname{sg}[e] + z_e - \operatorname{sg}[z_e], \qquad z_q = e \ \text{(forward)}, \qquad
+# \frac{\partial \mathcal{L}}{\partial z_e} = \frac{\partial \mathcal{L}}{\partial z_q} \ \text{(backward)}.$$
+#
+# In code this is one line, `e.detach() + (z_e - z_e.detach())`: its value is exactly the code $e$
+# (the bracket is zero), and its gradient with respect to $z_e$ is the identity (the bracket's first term).
 
 # %%
 viz.show_source(VectorQuantizer.forward)
 
 # %% [markdown]
-# A check that this is exactly what happens: for an upstream gradient w (any tensor), the gradient that
-# reaches z must be w itself; adding the commitment term beta ||z - sg[q]||² (a mean over the N D
-# elements) must add exactly 2 beta (z - q) / (N D).
+# A check that this is exactly what happens: for an upstream gradient $w$ (any tensor), the loss
+# $\mathcal{L} = \sum w \odot z_q$ has $\partial \mathcal{L} / \partial z_q = w$, so the gradient that reaches $z$
+# must be $w$ itself. The commitment term is a mean over the $N D$ elements,
+# $\frac{\beta}{ND} \sum_i \|z_i - \operatorname{sg}[q_i]\|^2$, so adding it must add exactly
+# $\frac{2\beta}{ND}(z - q)$.
 
 # %%
 vq = VectorQuantizer(8, 4, ema=False, init="uniform", restart=False).eval()
@@ -184,13 +211,42 @@ assert torch.allclose(z.grad, expected, atol=1e-6)
 #
 # The VQ-VAE loss is reconstruction + codebook + beta x commitment:
 #
-# - the **reconstruction** loss trains the decoder, and through the straight-through copy the encoder;
-# - the **codebook** loss ||sg[z_e] - e||² moves codes towards the encoder outputs assigned to them;
-# - the **commitment** loss beta ||z_e - sg[e]||² keeps the encoder outputs near their codes, so that they
-#   do not drift away faster than the codebook can follow (beta = 0.25 in the paper).
+# $$\mathcal{L} = -\log p(x \mid z_q) + \|\operatorname{sg}[z_e] - e\|^2 + \beta\, \|z_e - \operatorname{sg}[e]\|^2$$
 #
+# (the paper writes the first term as $\log p(x|z_q)$; as a loss to minimise it is the negative log-likelihood).
+# In the code each squared norm is a mean over the $N$ latent vectors and their $D$ components, and for a
+# Gaussian decoder of fixed variance $-\log p(x|z_q)$ is the squared error up to a factor and a constant, so
+# the first term is the MSE between the slice and its reconstruction (notebook 04 adds an SSIM term):
+#
+# - the **reconstruction** loss trains the decoder, and through the straight-through copy the encoder;
+# - the **codebook** loss $\|\operatorname{sg}[z_e] - e\|^2$ moves codes towards the encoder outputs assigned to
+#   them;
+# - the **commitment** loss $\beta\|z_e - \operatorname{sg}[e]\|^2$ keeps the encoder outputs near their codes, so
+#   that they do not drift away faster than the codebook can follow ($\beta = 0.25$ in the paper).
+#
+# The stop-gradient $\operatorname{sg}[\cdot]$ passes its value forward and no gradient back, so the codebook
+# loss moves only the code $e$ and the commitment loss only the encoder through $z_e$:
+
+# %%
+diagrams.vq_stop_gradients(FIGS / "03_stop_gradients.png");
+
+# %% [markdown]
 # With EMA updates, each code is instead set to the running mean of the vectors assigned to it (with
 # Laplace-smoothed counts, so a rarely used code does not divide by zero), and the codebook loss is dropped.
+# For one training batch, let $n_k$ be the number of vectors whose nearest code is $k$ and $s_k$ their sum (under
+# `torchrun` both are summed over all processes). With the decay $\gamma$ (`decay`, 0.99) the quantizer keeps
+# moving averages of both (`cluster_size` $N_k$ and `embed_sum` $m_k$),
+#
+# $$N_k \leftarrow \gamma N_k + (1 - \gamma)\, n_k, \qquad m_k \leftarrow \gamma m_k + (1 - \gamma)\, s_k,$$
+#
+# smooths the cluster sizes with Laplace smoothing of strength $\epsilon$ (`eps`, $10^{-5}$), which keeps their
+# total $N = \sum_k N_k$,
+#
+# $$\tilde N_k = \frac{N_k + \epsilon}{N + K\epsilon}\, N,$$
+#
+# and sets every code to the mean of its vectors, $e_k = m_k / \tilde N_k$. A code that no vector chooses keeps
+# $e_k$ unchanged as both of its averages decay at the same rate, until $N_k$ is so small that $\epsilon$
+# matters and pulls it towards the origin.
 
 # %%
 viz.show_source(VectorQuantizer._ema_update)
@@ -208,9 +264,11 @@ viz.curves({"codebook loss": {"plain": (plain_hist["step"], plain_hist["codebook
 # same number of steps on phantom slices, one with the plain quantizer and one with EMA, k-means
 # initialisation and restarts, and count the codes used on the whole validation split as training goes.
 #
-# A code counts as dead when its moving average of usage (decay 0.9) falls below 1 % of a fair share,
-# which takes about 45 steps without use (from a fair share, 0.9^n < 0.01 needs n = 44); the codebook itself
-# moves with the slower decay 0.99.
+# A code counts as dead when its moving average of usage $u_k$ falls below 1 % of a fair share: each step
+# $u_k \leftarrow \lambda u_k + (1 - \lambda)\, n_k / \sum_j n_j$ with $\lambda$ = `usage_decay` = 0.9, and code
+# $k$ is restarted when $u_k < 0.01 / K$. That takes about 45 steps without use (from a fair share $1/K$,
+# $0.9^n < 0.01$ needs $n > \ln 0.01 / \ln 0.9 \approx 43.7$, so $n = 44$); the codebook itself moves with the
+# slower decay $\gamma = 0.99$.
 
 # %%
 train = data.load_split(DATA, "train", progress=False)
@@ -263,9 +321,16 @@ viz.curves({"codes used (toy, 32 codes)": {"plain VQ": (plain_hist["step"], plai
            FIGS / "03_codebook_usage.png", xlabel="training step");
 
 # %% [markdown]
-# Perplexity is exp(entropy) of the code histogram: the number of equally used codes that would give the
-# same entropy. A collapsed codebook wastes capacity: with 13 codes in use out of 512 (one of the published
-# HipMRI runs), the model stores at most log2(13) = 3.7 bits per cell instead of 9.
+# **Perplexity** is the exponential of the entropy of the code histogram: with $p_k$ the share of the latent
+# vectors that chose code $k$,
+#
+# $$\mathrm{PPL} = \exp\Big(-\sum_{k=1}^{K} p_k \ln p_k\Big), \qquad 1 \le \mathrm{PPL} \le K,$$
+#
+# the number of equally used codes that would give the same entropy ($K$ when all are used equally, 1 when one
+# code takes everything). The quantizer computes it per batch, `metrics.CodeUsage` over a whole split (later
+# notebooks use the same definition). A collapsed codebook wastes capacity: with 13 codes in use out of 512
+# (one of the published HipMRI runs), the model stores at most $\log_2 13 \approx 3.7$ bits per cell instead of
+# $\log_2 512 = 9$.
 #
 # ## 6. Which fix does what: the three taken apart
 #
@@ -377,13 +442,19 @@ claims(max(ssim_of, key=ssim_of.get) == "all three"
        and max(ablation, key=lambda n: ablation[n]["psnr_mean"]) == "all three",
        "all three together give the best test SSIM and PSNR", f"SSIM {ssim_of['all three']:.3f}, PSNR "
        f"{ablation['all three']['psnr_mean']:.2f} dB")
-#
+
+# %% [markdown]
 # ## 7. The commitment weight, and the scale it is weighed against
 #
 # The loss adds beta x commitment to the reconstruction error, so beta only means something next to the size
 # of that error. Our MSE is measured on intensities in [0, 1]; DeepMind's sonnet example divides it by the
-# variance of the training data first, which multiplies the reconstruction term by 1 / variance and so makes
-# the same beta weigh the commitment loss that many times less. Both scales, three betas each:
+# variance $\sigma^2$ of the training data first, which multiplies the reconstruction term by $1/\sigma^2$ and so
+# makes the same beta weigh the commitment loss that many times less. Multiplying the whole loss by $\sigma^2$
+# (which does not move its minimum) shows it:
+#
+# $$\frac{\mathrm{MSE}}{\sigma^2} + \beta\,\mathrm{commitment} \;\propto\; \mathrm{MSE} + \beta\sigma^2\,\mathrm{commitment}.$$
+#
+# Both scales, three betas each:
 
 # %%
 beta_runs = sweeps.load_results(RESULTS, "beta")
@@ -403,8 +474,8 @@ viz.curves({"test SSIM": {s: (betas, [t["ssim_mean"] for t in r]) for s, r in by
            FIGS / "03_beta.png", xlabel="beta", logx=True, logy=["commitment loss (last epoch)"]);
 
 # %% [markdown]
-# Divided by the variance, the MSE counts about 1 / variance times more, so beta = 1 there weighs the
-# commitment loss against it as beta = variance (printed above) would on our scale. In our loss that is not
+# Divided by the variance, the MSE counts $1/\sigma^2$ times more, so $\beta = 1$ there weighs the
+# commitment loss against it as $\beta = \sigma^2$ (printed above) would on our scale. In our loss that is not
 # the only balance that moves: the SSIM term is not divided, so it counts that many times less too. At every
 # beta the normalised run scores the lower SSIM, and on both scales the largest beta, 1, scores best at this
 # budget (on the normalised scale by a hair): the paper's 0.25 is not a constant of nature but a choice that
@@ -420,7 +491,8 @@ claims(all(n < m for n, m in zip(ssim_at["MSE / variance"], ssim_at["MSE"])),
 claims(all(max(range(len(betas)), key=values.__getitem__) == len(betas) - 1 for values in ssim_at.values()),
        "on both scales the largest beta scores best",
        "; ".join(f"{scale}: " + ", ".join(f"{v:.3f}" for v in values) for scale, values in ssim_at.items()))
-#
+
+# %% [markdown]
 # ## 8. How many codes, and how long
 #
 # The codebook size K and the code dimension D, again at the same budget (the default is K = 512, D = 64):
@@ -464,7 +536,8 @@ used_d = [t["active_codes"] for t in by_d]
 claims(all(a > b for a, b in zip(used_d, used_d[1:])) and max(range(len(ds)), key=lambda i: by_d[i]["ssim_mean"]) == 0,
        "the shorter the codes, the more are used, and D = 8 scores the best SSIM",
        ", ".join(f"D {d}: {t['active_codes']} codes, SSIM {t['ssim_mean']:.3f}" for d, t in zip(ds, by_d)))
-#
+
+# %% [markdown]
 # ## Checked claims
 #
 # Every sentence above that states a measured result was checked by an assertion next to the cell that
@@ -476,9 +549,113 @@ print(claims)
 # %% [markdown]
 # ## Questions
 #
-# 1. In the toy, why do the dead plain codes never move, even after thousands of steps?
-# 2. With EMA updates the codebook has no gradient. Which term of the loss still trains the encoder to
-#    stay close to the codes?
-# 3. What would go wrong if a restarted code were placed at a random point of the space instead of on an
-#    encoder output?
-# 4. Perplexity can be low although all codes are active. How?
+# Each question has a worked answer: open it when you have tried. Where the answer can be computed, the
+# hidden cell after it computes it (in JupyterLab click the collapsed cell to show it).
+
+# %% [markdown]
+# **Question 1.** In the toy, why do the dead plain codes never move, even after thousands of steps?
+#
+# <details><summary>Answer</summary>
+#
+# A plain code learns only from the codebook loss, and its gradient with respect to code $k$ is a sum over the
+# points whose nearest code is $k$:
+#
+# $$\frac{\partial}{\partial e_k}\, \frac{1}{ND} \sum_{i=1}^{N} \|\operatorname{sg}[z_i] - e_{k(z_i)}\|^2
+# = \frac{2}{ND} \sum_{i:\, k(z_i) = k} (e_k - z_i).$$
+#
+# The codes inside the starting square are never nearest to any point: every point lies far outside the
+# square, and the codes on its edge (later, the codes out at the clusters) are always nearer to it. So the sum is
+# empty and the gradient exactly zero. Adam's step is built from moving averages of past gradients, and for a
+# code that never had one they are zero too, so the step is zero. Nothing in the toy ever changes that: the points
+# stay where they are and the live codes only move closer to them, so a dead code stays dead for any number of
+# steps. The hidden cell loads the plain codebook at the end of training into a fresh quantizer, runs one step
+# and prints the largest gradient on a code that wins no point (exactly 0) and the smallest on a code that does.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+probe = VectorQuantizer(32, 2, ema=False, init="uniform", restart=False)
+with torch.no_grad():
+    probe.codebook.copy_(torch.tensor(plain_shots[TOY_STEPS][0]))
+probe_out = probe(as_grid)
+probe_out.codebook_loss.backward()
+wins = torch.bincount(probe_out.indices.flatten(), minlength=32) > 0
+grad = probe.codebook.grad.norm(dim=1)
+print(f"{int((~wins).sum())} codes win no point: largest gradient on them "
+      f"{float(grad[~wins].max()) if (~wins).any() else float('nan'):.1e}; "
+      f"smallest gradient on a code that wins points {float(grad[wins].min()):.1e}")
+
+# %% [markdown]
+# **Question 2.** With EMA updates the codebook has no gradient. Which term of the loss still trains the encoder
+# to stay close to the codes?
+#
+# <details><summary>Answer</summary>
+#
+# The commitment loss $\beta\|z_e - \operatorname{sg}[e]\|^2$. With EMA the codebook is a buffer, not a parameter,
+# and the codebook loss is exactly 0; the EMA update moves the codes towards the encoder outputs, and the
+# commitment loss moves the encoder outputs towards the codes, with the gradient
+# $\frac{2\beta}{ND}(z_e - e)$ (section 3). Without it nothing would stop the encoder's outputs from growing
+# or drifting away from the codebook: the reconstruction loss sees only the codes, and the straight-through
+# gradient does not care how far $z_e$ is from them. The hidden cell makes the default quantizer (EMA, k-means
+# initialisation, restarts), trains it one step on the toy and checks all three: it has no parameters, its
+# codebook loss is 0, and the commitment loss's gradient on $z$ is $2(z - q)/(ND)$.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+ema_vq = VectorQuantizer(32, 2)
+ema_vq(as_grid)  # one training step: k-means initialisation and one EMA update
+ema_vq.eval()  # no more updates, so the codes below are the ones the forward pass used
+z_toy = as_grid.clone().requires_grad_(True)
+ema_out = ema_vq(z_toy)
+ema_out.commitment.backward()
+expected_grad = 2 * (z_toy - ema_vq.lookup(ema_out.indices)).detach() / z_toy.numel()
+print(f"EMA quantizer: {len(list(ema_vq.parameters()))} parameters, codebook loss {float(ema_out.codebook_loss)}, "
+      f"commitment gradient equals 2 (z - q) / (N D): {torch.allclose(z_toy.grad, expected_grad)}")
+
+# %% [markdown]
+# **Question 3.** What would go wrong if a restarted code were placed at a random point of the space instead of
+# on an encoder output?
+#
+# <details><summary>Answer</summary>
+#
+# A code learns, by the codebook loss or by EMA, only from the vectors it wins, and it wins a vector only if it
+# is nearer to it than every other code. The encoder's outputs fill a small part of the space (in $D = 64$
+# dimensions a random point is far from all of them), and the other codes already sit among them, so a code at
+# a random point would most likely win nothing: it would stay dead, its usage would stay below the threshold, and
+# it would be restarted again about 45 steps later, over and over, without ever being used. Restarts would cost
+# steps and repair nothing. A code placed on an encoder output wins at least that vector (distance 0), starts
+# where the data is, and with EMA its statistics restart as if it had been chosen once by exactly that vector.
+#
+# The hidden cell draws 32 codes both ways on the toy, at random points of the plane (a standard normal, knowing
+# nothing of where the data is) and on randomly chosen toy points, and counts how many of them win at least one
+# point when they are the whole codebook.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+gen = torch.Generator().manual_seed(SEED)
+candidates = {"random points of the plane": torch.randn(32, 2, generator=gen),
+              "toy points": toy[torch.randperm(len(toy), generator=gen)[:32]]}
+for name, book in candidates.items():
+    print(f"32 codes at {name}: {nearest_code(toy, book).unique().numel()} win at least one point")
+
+# %% [markdown]
+# **Question 4.** Perplexity can be low although all codes are active. How?
+#
+# <details><summary>Answer</summary>
+#
+# A code is active if it is chosen at least once; perplexity weights every code by how often it is chosen.
+# With $K_a$ active codes, $\mathrm{PPL} = \exp(-\sum_k p_k \ln p_k) \le K_a$, with equality only when the
+# active codes are used equally. If one code takes almost every vector and each of the others a few, all $K$
+# are active but the entropy is close to 0 and the perplexity close to 1. Restarts can do this:
+# a restarted code wins a few vectors and counts as active while the model still leans on a few codes. So
+# report both, as the training loop does. The hidden cell builds such a histogram for $K = 512$: one code
+# chosen by all vectors of 100,000 but 511, and every other code once.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+lopsided = metrics.CodeUsage(512)
+lopsided.update(torch.cat([torch.zeros(100_000 - 511, dtype=torch.long), torch.arange(1, 512)]))
+print(f"{lopsided.active} of 512 codes active, perplexity {lopsided.perplexity:.2f}")

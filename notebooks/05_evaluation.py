@@ -61,7 +61,7 @@ import torch
 from IPython.display import display
 
 import vqvae_lib
-from vqvae_lib import checkpoint, data, metrics, prior, rate, readme, sweeps, train, viz
+from vqvae_lib import checkpoint, data, metrics, prior, rate, readme, sweeps, train, viz, widgets
 from vqvae_lib.claims import Claims
 from vqvae_lib.explorer import CodebookExplorer, explorer_grid
 
@@ -75,14 +75,29 @@ print(f"python {platform.python_version()}, torch {torch.__version__}, vqvae_lib
 # ## 1. Test-set scores, next to baselines
 #
 # `train.evaluate` reconstructs every test slice and scores it with SSIM and PSNR on the [0, 1] scale (data
-# range 1). SSIM comes in two conventions, and published numbers use both: scikit-image's default (a 7 x 7
-# uniform window; most HipMRI course reports, and our main number) and Wang et al.'s 11 x 11 Gaussian window
-# with sigma 1.5 (MONAI, most papers), in the column "Gaussian". Compare a number only with one of the same
-# convention. Two baselines put the numbers in context:
+# range $L = 1$). SSIM compares two images window by window: with the local means $\mu_x, \mu_y$, variances
+# $\sigma_x^2, \sigma_y^2$ and covariance $\sigma_{xy}$ of a window,
+#
+# $$
+# \operatorname{SSIM}(x, y) = \frac{(2\mu_x\mu_y + C_1)(2\sigma_{xy} + C_2)}{(\mu_x^2 + \mu_y^2 + C_1)(\sigma_x^2 + \sigma_y^2 + C_2)},
+# \qquad C_1 = (0.01 L)^2, \quad C_2 = (0.03 L)^2,
+# $$
+#
+# and a slice's SSIM is the mean of this map over the positions where the whole window fits. PSNR is
+# $10 \log_{10}(L^2 / \mathrm{MSE})$ dB, with MSE the mean squared error over the slice's pixels.
+# SSIM comes in two conventions, and published numbers use both: scikit-image's default (a 7 x 7
+# uniform window with sample variances; most HipMRI course reports, and our main number) and Wang et al.'s 11 x 11
+# Gaussian window with sigma 1.5 (MONAI, most papers), in the column "Gaussian". Compare a number only with one of
+# the same convention. Two baselines put the numbers in context:
 #
 # - **mean image**: predict the mean training slice for every test slice. It scores well above zero from the
 #   black background alone, which is what "SSIM > 0.6" on these slices is up against;
-# - **foreground SSIM**: the mean of the SSIM map inside the body only (labels > 0), where the anatomy is.
+# - **foreground SSIM**: the mean of the SSIM map inside the body only (labels > 0), where the anatomy is:
+#   $\frac{1}{|B|} \sum_{p \in B} \operatorname{SSIM}_p$ over the set $B$ of body pixels.
+#
+# The table also gives the codes each model uses on the test split and their perplexity
+# $\exp\left(-\sum_k p_k \log p_k\right)$, with $p_k$ the share of the split's latent positions that use code
+# $k$ (notebook 03 defines it: the number of equally used codes that would give the same entropy).
 #
 # Three checkpoints, all committed in `checkpoints/` with the commands that made them in the README:
 # `default` is our recipe at its 4x grid (notebook 04). To compare recipes fairly, the other two share the
@@ -145,7 +160,9 @@ claims(seed_summary["active_codes"] < 0.05 * seed_summary["codebook_size"]
 #
 # The slices of one scan are not independent measurements: they are neighbouring planes of one volume, of one
 # patient. So `evaluate` also averages per scan and gives a 95 % bootstrap interval over scans (resampling whole
-# scans with replacement). Below, for each model: its per-scan means, that interval, the interval a naive
+# scans with replacement): from the $S$ per-scan means $s_1, \dots, s_S$ it draws 10,000 resamples
+# $s_{J_1}, \dots, s_{J_S}$ with the $J_j$ uniform on $\{1, \dots, S\}$, and reports the 2.5 % and 97.5 %
+# quantiles of their means $\frac{1}{S} \sum_j s_{J_j}$. Below, for each model: its per-scan means, that interval, the interval a naive
 # bootstrap over the 120 slices would give (as if every slice were an independent patient), and its SSIM on the
 # validation patient (at the epoch `best.pt` was chosen at).
 
@@ -231,9 +248,9 @@ claims(trained["default recipe, 8x"] == trained["seed recipe, 8x"]
 # ## 5. The codebook explorer
 #
 # Each slice is stored by the VQ-VAE as a grid of code indices (64 x 32 at 4x). Below: slices, their index
-# maps (one colour per code) and the reconstructions decoded from those maps alone. Neighbouring cells of
-# the same tissue often get different codes: with 512 codes the model spends them on texture and noise
-# as well as on anatomy.
+# maps (each code coloured by the mean intensity it decodes to, so the map shows the anatomy) and the
+# reconstructions decoded from those maps alone. Neighbouring cells of the same tissue often get different
+# codes: with 512 codes the model spends them on texture and noise as well as on anatomy.
 
 # %%
 model, _ = checkpoint.load_model(CHECKPOINT, map_location=device)
@@ -258,27 +275,37 @@ common = explorer.body_code(middle, threshold=0.3)
 explorer.figure(middle, common, FIGS / "05_explorer_code.png");
 
 # %% [markdown]
-# In a live notebook, slide through the test slices and pick codes yourself. Below the explorer, the sampler of
-# notebook 06 (the 8x model `gen_8x.pt` and its transformer prior) draws new slices at the temperature, position
-# bin and seed you choose, and completes the current slice from the row you choose:
+# In a live notebook, slide through the test slices and pick codes yourself, or set one cell of the map to another
+# code and see the decoded slice change around it (only within the decoder's reach). Below the explorer, the
+# sampler of notebook 06 (the 8x model `gen_8x.pt` and its transformer prior) draws new slices at the temperature,
+# position bin and seed you choose, and completes the current slice from the row you choose:
 
 # %%
+widgets.show(explorer, INTERACTIVE)
 if INTERACTIVE:
     from vqvae_lib.explorer import SamplerPanel
     from vqvae_lib.prior import load_generator, position_bins
 
     generator = load_generator(GEN_CHECKPOINT, GEN_PRIOR_CHECKPOINT, device=str(device))
     panel = SamplerPanel(generator, images, [f.name for f in test.files], position_bins(test, generator.positions))
-    display(explorer.widget(), panel.widget(explorer.slider))
+    display(panel.widget(explorer.slider))
 
 # %% [markdown]
 # ## 6. What a slice costs, in bits, next to JPEG
 #
-# A VQ-VAE is a compressor: the code map is all the decoder needs. A map of h x w positions with K codes costs
-# h w log2 K bits stored as it is (**raw**). An entropy coder that knows how often each code occurs (the
-# frequencies over the training split, add-one smoothed) needs the map's negative log-likelihood under those
-# frequencies (**frequencies**), and one that predicts each code from the codes before it, like the PixelCNN prior
-# of notebook 06, its NLL under the prior (**prior**; for the 8x model, the one the committed prior models).
+# A VQ-VAE is a compressor: the code map $c = (c_1, \dots, c_{hw})$ is all the decoder needs. A map of
+# $h \times w$ positions with $K$ codes costs $hw \log_2 K$ bits stored as it is (**raw**). An entropy coder that
+# knows how often each code occurs needs the map's negative log-likelihood under those frequencies
+# (**frequencies**),
+#
+# $$
+# -\sum_{i=1}^{hw} \log_2 \hat p(c_i), \qquad \hat p(k) = \frac{n_k + 1}{N + K},
+# $$
+#
+# with $n_k$ the count of code $k$ among the $N$ positions of the training maps (add-one smoothed, so no code
+# costs infinitely many bits). One that predicts each code from the codes before it, like the PixelCNN prior of
+# notebook 06, needs $-\sum_i \log_2 p(c_i \mid c_{<i})$ bits, the map's NLL under the prior (**prior**; for the
+# 8x model, the one the committed prior models).
 
 # %%
 train_images = data.load_split(DATA, "train", progress=False).images
@@ -401,9 +428,110 @@ print(claims)
 
 # %% [markdown]
 # ## Questions
+
+# %% [markdown]
+# **Question 1.** The mean-image baseline scores well above zero SSIM. Which part of the slice earns it that
+# score?
 #
-# 1. The mean-image baseline scores well above zero SSIM. Which part of the slice earns it that score?
-# 2. Which scans are hardest, and what do their worst slices have in common?
-# 3. Codes used for the black background: how many are there, and is that capacity wasted?
-# 4. Our recipe and the seed recipe had the same grid and the same steps. Which of the differences in
-#    notebook 04's list do you expect matters most? How would you test it?
+# <details><summary>Answer</summary>
+#
+# The background. Where both windows are flat and dark, $\mu_x \approx \mu_y \approx 0$ and the mean image has
+# $\sigma_x \approx \sigma_{xy} \approx 0$, so the SSIM of section 1 reduces to about
+# $\frac{C_1}{C_1} \cdot \frac{C_2}{\sigma_y^2 + C_2}$: high wherever the test slice's background noise is weak
+# next to $C_2 = 9 \cdot 10^{-4}$ (a noise standard deviation of 0.03), and below 1 only by that noise. Inside the
+# body the mean image blurs every patient and position into one, and its structure term is low. The hidden cell
+# splits the baseline's SSIM map into background (label 0) and body: it prints the mean of each part, the share of
+# the pixels that are background, and the share of the whole-slice score the background contributes, most of it
+# although the background is less than half of the slice.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+labels = np.asarray(test.masks)
+baseline_images = np.broadcast_to(mean_image, images.shape)
+background_part = np.nanmean(metrics.ssim_foreground(baseline_images, images, labels == 0))
+body_part = np.nanmean(metrics.ssim_foreground(baseline_images, images, labels > 0))
+share = (labels == 0).mean()
+print(f"mean-image baseline: SSIM map {background_part:.3f} on the background ({100 * share:.0f} % of the pixels), "
+      f"{body_part:.3f} inside the body; the background gives "
+      f"{100 * share * background_part / (share * background_part + (1 - share) * body_part):.0f} % of the "
+      f"whole-map mean")
+
+# %% [markdown]
+# **Question 2.** Which scans are hardest, and what do their worst slices have in common?
+#
+# <details><summary>Answer</summary>
+#
+# The two test scans are two weeks of one patient and score almost the same for every model (the hidden cell prints
+# each model's per-scan means, the bars of section 2): neither scan is hard, particular slices are. In the committed
+# run the three worst slices of the default model (figure 05_best_worst) lie away from the middle of their scan,
+# where the pelvis shows little or no bladder, rectum or prostate: almost all of the body is plain soft tissue with
+# its noisy texture, which a $64 \times 32$ grid of codes cannot keep (its error map shows it spread over the whole
+# body). The best slices lie mid-scan, where the bladder, a large bright flat disc, is easy to reconstruct. The cell
+# prints, for the three best and three worst slices, the slice index, the share of the body that is plain tissue
+# (label 1) and the intensity spread inside the body.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+for name, means in per_scan.items():
+    print(f"{name}: " + ", ".join(f"{scan.replace(chr(10), ' ')} {m:.4f}" for scan, m in zip(scans, means)))
+for i, j in enumerate(pick):
+    body = labels[j] > 0
+    print(f"{'best' if i < 3 else 'worst'} {default['names'][j]}: SSIM {default['ssim'][j]:.3f}, plain tissue "
+          f"{100 * (labels[j] == 1).sum() / max(body.sum(), 1):.0f} % of the body, intensity spread in the body "
+          f"{images[j][body].std() if body.any() else 0:.3f}")
+
+# %% [markdown]
+# **Question 3.** Codes used for the black background: how many are there, and is that capacity wasted?
+#
+# <details><summary>Answer</summary>
+#
+# The hidden cell takes the default model's test maps (section 5) and counts the codes used at cells whose pixels
+# average below 0.05: it prints how many distinct codes those are, how many of them appear nowhere else, what share
+# of the background cells the five most used of them cover, and what share of the map's bits (under the test
+# split's own code frequencies, section 6's $-\log_2 \hat p(c_i)$) the background takes. A decoder needs one
+# code for black. The rest encode the background's noise, which nobody wants back: that is wasted codebook
+# capacity, and wasted rate, as each background cell still costs bits. Under the raw rate every cell costs
+# $\log_2 K$ whatever it shows; under the frequencies the common background codes are cheaper than body codes, and
+# a prior (notebook 06) predicts a background cell from its neighbours more cheaply still. Masking the background
+# out of the loss, or fixing one code for it, would free those codes for the anatomy.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+dark = cell_means < 0.05  # (N, h, w): latent cells of (nearly) black background
+dark_codes, dark_counts = np.unique(explorer.indices[dark], return_counts=True)
+only_dark = np.setdiff1d(dark_codes, explorer.indices[~dark])
+code_p = np.bincount(explorer.indices.ravel(), minlength=results["default"]["summary"]["codebook_size"])
+cell_bits = -np.log2(code_p[explorer.indices] / code_p.sum())
+print(f"background cells: {100 * dark.mean():.0f} % of all cells; {len(dark_codes)} distinct codes there, "
+      f"{len(only_dark)} of them used nowhere else; the five most used cover "
+      f"{100 * np.sort(dark_counts)[::-1][:5].sum() / max(dark.sum(), 1):.0f} % of the background cells")
+print(f"bits per cell under the test split's code frequencies: background {cell_bits[dark].mean():.2f}, "
+      f"elsewhere {cell_bits[~dark].mean():.2f}; the background takes "
+      f"{100 * cell_bits[dark].sum() / cell_bits.sum():.0f} % of the bits")
+
+# %% [markdown]
+# **Question 4.** Our recipe and the seed recipe had the same grid and the same steps. Which of the differences in
+# notebook 04's list do you expect matters most? How would you test it?
+#
+# <details><summary>Answer</summary>
+#
+# For the codes in use, the quantizer's fixes against collapse (EMA updates, k-means initialisation, and above all
+# restarts of dead codes). Notebook 03's collapse ablation already isolates them: inside our recipe otherwise
+# (SSIM term, schedule, width), the paper's plain quantizer keeps only a handful of codes, and only the variants
+# with restarts use hundreds; the hidden cell prints those committed runs again. For the SSIM the ablation says
+# less: the plain run's SSIM is lower than ours, but several changes (the SSIM term in the loss, the learning-rate
+# schedule, 64 instead of 128 channels) could each contribute. To test it, change one thing at a time at the same
+# grid, budget and data, starting from the seed preset (e.g.
+# `python -m vqvae_lib train --preset seed --epochs 15 --ema --init kmeans --restart ...`, then `--ssim-weight 0.5`
+# alone, and so on) or removing one from ours, and repeat each run over a few seeds: a difference smaller than the
+# spread between seeds is no difference.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+for name, r in sweeps.load_results(RESULTS, "collapse").items():
+    print(f"{name:>16}: {r['test']['active_codes']:3d} of {r['test']['codebook_size']} codes, test SSIM "
+          f"{r['test']['ssim_mean']:.3f}")

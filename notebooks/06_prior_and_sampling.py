@@ -71,8 +71,10 @@ import numpy as np
 import torch
 
 import vqvae_lib
-from vqvae_lib import checkpoint, data, metrics, phantom, prior, readme, sample_metrics, train, viz
+from vqvae_lib import (checkpoint, data, diagrams, metrics, phantom, prior, readme, sample_metrics, train, viz,
+                       widgets)
 from vqvae_lib.claims import Claims
+from vqvae_lib.explorer import SamplerPanel, code_intensity, intensity_map
 
 torch.manual_seed(SEED)
 claims = Claims(SMOKE, DATA)  # sentences below that state a measured result are checked in full mode
@@ -90,6 +92,9 @@ print(f"device: {device}; {'full training runs' if full else 'short demonstratio
 # indices into a codebook of 512 vectors, 512 positions in all. (The 4x model has four times as many positions:
 # the prior would take four times as long to train and to sample, fine on a GPU, too slow for this notebook on a
 # CPU.)
+#
+# Below, each map colours a code by the mean intensity it decodes to (dark purple to yellow), as notebook 05's
+# explorer does: the maps show the anatomy the codes stand for.
 
 # %%
 vq, vq_payload = checkpoint.load_model(VQ_CHECKPOINT, map_location=device)
@@ -109,16 +114,31 @@ print(f"test SSIM of the reconstructions: {recon_ssim:.3f} ({vq_payload['history
 claims(recon_ssim > short_ssim + 0.02, "the longer-trained 8x model reconstructs clearly better",
        f"{recon_ssim:.3f} against {short_ssim:.3f}")
 pick = np.linspace(0, len(images["validate"]) - 1, 4).astype(int)
+intensity = code_intensity(vq)  # the mean intensity each code decodes to, as notebook 05's explorer colours codes
 viz.image_rows({"slice": [images["validate"][i] for i in pick],
-                "index map": [np.kron(maps["validate"][i], np.ones((8, 8))) / (K - 1) for i in pick]},
+                "codes by intensity": [intensity_map(maps["validate"][i], intensity) for i in pick]},
                [splits["validate"].files[i].name for i in pick], FIGS / "06_index_maps.png");
 
 # %% [markdown]
-# A prior gives every map a probability, p(k) = p(k_1) p(k_2 | k_1) ... p(k_n | k_1 .. k_n-1), reading the
-# positions in raster order (row by row, left to right). Each factor is a classification over K codes, so the
-# prior is trained with cross-entropy, and its loss is the negative log-likelihood in nats per latent.
-# Two baselines frame that number: guessing uniformly costs log K nats, and using only how often each code
-# occurs in the training maps (ignoring all context) costs its entropy.
+# A prior gives every map $c = (c_1, \dots, c_n)$ of $n = hw$ codes a probability, reading the positions in raster
+# order (row by row, left to right):
+#
+# $$
+# p(c) = \prod_{i=1}^{n} p(c_i \mid c_{<i}) = p(c_1)\, p(c_2 \mid c_1) \cdots p(c_n \mid c_1, \dots, c_{n-1}).
+# $$
+#
+# Each factor is a classification over $K$ codes, so the prior is trained with cross-entropy, and its loss is the
+# negative log-likelihood in nats per latent,
+#
+# $$
+# \mathrm{NLL} = -\frac{1}{n} \sum_{i=1}^{n} \log p(c_i \mid c_{<i}),
+# $$
+#
+# averaged over the maps; divided by $\log 2$ it is in **bits per latent**, and $n \cdot \mathrm{NLL} / \log 2$
+# bits is what a whole map costs an arithmetic coder driven by the prior. Two baselines frame that number:
+# guessing uniformly costs $\log K$ nats, and using only how often each code occurs in the training maps
+# (ignoring all context) costs $-\frac{1}{n} \sum_i \log \hat p(c_i)$ on the validation maps, with $\hat p$ the
+# add-one smoothed training frequencies of notebook 05 (section 6): about the entropy of the code histogram.
 
 # %%
 uniform = math.log(K)
@@ -133,8 +153,9 @@ print(f"code frequencies only: {unigram:.3f} nats = {unigram / math.log(2):.2f} 
 # rows above a position and the position's own row (its kernel covers rows up to the current one, to the left
 # and the right); the **horizontal stack** sees the positions to its left in the same row, and receives the
 # vertical stack's output shifted down by one row, so nothing from the current row leaks in through it. The
-# first horizontal layer also excludes the position itself. Every layer is gated, tanh(a) * sigmoid(b), and
-# can add an embedding of where the slice lies in its scan (8 bins), so we can ask for a slice near the edge
+# first horizontal layer also excludes the position itself. Every layer is gated: its convolution gives twice the
+# channels, split into halves $a$ and $b$, and the output is $\tanh(a) \odot \sigma(b)$, with $\sigma$ the logistic
+# sigmoid as a gate between 0 and 1 on each channel. Each layer can add an embedding of where the slice lies in its scan (8 bins), so we can ask for a slice near the edge
 # of the pelvis or through its middle. Here is one layer:
 
 # %%
@@ -165,6 +186,15 @@ print(f"positions at or after {target} that change its logits: {sum(influence[p]
 print(f"positions before it that change them: {sum(influence[p] > 0 for p in earlier)} of {len(earlier)}; "
       f"the upper right neighbour (6, 6) among them: {influence[6, 6] > 0}")
 viz.influence_map(influence, target, FIGS / "06_causality.png");
+
+# %% [markdown]
+# The same check by gradients, stack by stack and layer by layer (as in the UvA deep-learning tutorial 12): with
+# kernel $k$ and $r = \lfloor k/2 \rfloor$, after $n$ layers a position sees the $nr + 1$ rows above it within $nr$
+# columns either side and the $nr + 1$ positions to its left, never itself or anything later.
+
+# %%
+diagrams.pixelcnn_stacks(FIGS / "06_pixelcnn_stacks.png", shape=(11, 11), target=target, kernel=3,
+                         layers=(1, 2, 4), seed=SEED);
 
 # %% [markdown]
 # ## 3. A transformer prior with cached sampling
@@ -282,8 +312,17 @@ claims(attn["bits"] < drop["bits"], "the transformer gets lowest",
 # ## 5. Sampling
 #
 # Sampling draws the 512 codes one after another, each from the prior's distribution given the codes drawn so
-# far, then decodes the map. A temperature below 1 sharpens every distribution (safer, less varied samples);
-# top-k and top-p (nucleus) sampling cut the unlikely tail of each distribution instead. Both priors sample
+# far, then decodes the map. With the prior's logits $\ell_k$ at a position, a temperature $T$ draws code $k$ with
+# probability
+#
+# $$
+# p_T(k) = \frac{\exp(\ell_k / T)}{\sum_{j=1}^{K} \exp(\ell_j / T)}:
+# $$
+#
+# $T < 1$ sharpens every distribution (safer, less varied samples), $T > 1$ flattens it. Top-k and top-p
+# (nucleus) sampling cut the unlikely tail of each distribution instead: top-k keeps the $k$ likeliest codes,
+# top-p the smallest set of likeliest codes whose probabilities sum to at least $p$, and the draw is renormalised
+# over what is kept. Both priors sample
 # exactly and without recomputing everything: the PixelCNN runs its vertical stack once per row, the
 # transformer uses its cache. From a shell:
 #
@@ -312,8 +351,9 @@ real_pick = np.linspace(0, len(images["test"]) - 1, 6).astype(int)
 shown = min(6, n_samples)
 viz.image_rows({**{name: list(s[0][:shown]) for name, s in samples.items()},
                 "real (test)": [images["test"][i] for i in real_pick]}, None, FIGS / "06_samples.png",
-               captions={**{name: [f"position bin {b}" for b in s[2][:shown]] for name, s in samples.items()},
-                         "real (test)": [f"position bin {slice_bins['test'][i]}" for i in real_pick]});
+               captions={**{name: [f"drawn for position bin {b}" for b in s[2][:shown]] for name, s in samples.items()},
+                         "real (test)": [f"{splits['test'].files[i].name} (bin {slice_bins['test'][i]})"
+                                         for i in real_pick]});
 
 # %% [markdown]
 # Temperature and nucleus sampling, with the same seed (the transformer, position bin 4): lower temperatures
@@ -337,11 +377,18 @@ viz.image_rows({label: list(generators["transformer"].sample(min(4, n_samples), 
 #
 # - the **Fréchet distance** (FID's formula) and the **kernel distance** (KID, unbiased): how far the two
 #   distributions are apart. The reference is the training split against the test split: two sets of real
-#   slices, from different patients.
+#   slices, from different patients. With the means $\mu_a, \mu_b$ and covariances $\Sigma_a, \Sigma_b$ of two
+#   feature sets, the Fréchet distance is
+#   $\|\mu_a - \mu_b\|^2 + \operatorname{tr}\left(\Sigma_a + \Sigma_b - 2 (\Sigma_a \Sigma_b)^{1/2}\right)$;
+#   KID is the unbiased estimate of $\mathrm{MMD}^2 = \mathbb{E}[k(a, a')] + \mathbb{E}[k(b, b')] - 2\,\mathbb{E}[k(a, b)]$
+#   with the kernel $k(x, y) = (x^\top y / F + 1)^3$ on $F = 64$ features, averaged over random subsets.
 # - **precision and recall** (Kynkäänniemi et al. 2019): the share of samples that fall inside the real
-#   slices' manifold (k-nearest-neighbour balls), and the share of real slices inside the samples' manifold.
+#   slices' manifold (the union of balls around each real feature vector reaching its 3rd nearest real neighbour),
+#   and the share of real slices inside the samples' manifold. **Coverage** (Naeem et al. 2020): the share of
+#   real balls (5th neighbour) that hold at least one sample.
 # - **memorisation in code space**: for every sample the fraction of its 512 codes that differ from its nearest
-#   training map, next to the same for test maps; a copied map would be at or near 0.
+#   training map, $\min_j \frac{1}{n} \sum_{i=1}^{n} [c_i \ne c^{(j)}_i]$ over the training maps $c^{(j)}$, next to
+#   the same for test maps; a copied map would be at or near 0.
 # - **diversity**: the mean SSIM between pairs of samples, next to that between pairs of test slices.
 # - the samples' **own NLL** under the prior that drew them, next to that of the real test maps.
 
@@ -457,9 +504,10 @@ for i in chosen:
     agreement.append((metrics.ssim_psnr(completed, target)[0].mean(), metrics.ssim_psnr(unconditional, target)[0].mean()))
     kept = generator.decode(maps["test"][i][None])[0].copy()
     kept[keep * vq.config.downsample:] = 0
-    name = splits["test"].files[i].name
+    name = f"slice {splits['test'].files[i].index}"
     rows[name] = [images["test"][i], kept, *completed]
-    captions[name] = ["real", f"kept: first {keep} rows (rest blank)", *(f"completion {j + 1}" for j in range(3))]
+    captions[name] = [f"real: {splits['test'].files[i].name}", f"kept: first {keep} rows (rest blank)",
+                      *(f"completion {j + 1}" for j in range(3))]
 viz.image_rows(rows, None, FIGS / "06_completion.png", captions=captions);
 agreement = np.array(agreement)
 print(f"SSIM to the real slice: completions {agreement[:, 0].mean():.3f}, unconditional samples of the same "
@@ -470,11 +518,14 @@ claims(agreement[:, 0].mean() > agreement[:, 1].mean(), "completions agree with 
 # %% [markdown]
 # ## 8. Where is the prior surprised?
 #
-# The prior scores every position: -log2 p(k_i | k_<i) bits. Drawn as a heat map over the slice it shows where
+# The prior scores every position $i$ with its surprise, $-\log_2 p(c_i \mid c_{<i})$ bits. Drawn as a heat map over the slice it shows where
 # the codes are hard to predict. To see whether that is useful, `phantom.insert_lesion` draws an abnormality
 # the prior never saw (a small bright disc inside the body) into every test slice; we encode both versions and
-# compare. The summed NLL of the whole map is a likelihood test of the slice; the largest NLL of any position is
-# a local one.
+# compare. The summed NLL of the whole map, $-\sum_i \log_2 p(c_i \mid c_{<i})$, is a likelihood test of the slice;
+# the largest NLL of any position, $\max_i \left(-\log_2 p(c_i \mid c_{<i})\right)$, is a local one. Either score
+# separates lesioned from normal slices as well as its AUROC says: the probability that a random lesioned slice
+# scores higher than a random normal one (ties counting half), 0.5 for a score that cannot tell them apart and 1
+# for a perfect one.
 
 # %%
 rng = np.random.default_rng(SEED)
@@ -531,12 +582,8 @@ claims(sep["paired"] > 0.75, "the lesioned slice scores higher than its own norm
 # temperature, position bin and seed you choose, and completes the current test slice from a row you choose.
 
 # %%
-if INTERACTIVE:
-    from IPython.display import display
-
-    from vqvae_lib.explorer import SamplerPanel
-
-    display(SamplerPanel(generator, images["test"], [f.name for f in splits["test"].files], slice_bins["test"]).widget())
+widgets.show(SamplerPanel(generator, images["test"], [f.name for f in splits["test"].files], slice_bins["test"]),
+             INTERACTIVE)
 
 # %%
 readme.save_results(FIGS / "06_results.json", {
@@ -557,14 +604,140 @@ print(claims)
 
 # %% [markdown]
 # ## Questions
+
+# %% [markdown]
+# **Question 1.** The validation NLL is in bits per latent. How many bits does the transformer need for a whole
+# slice, and how does that compare with storing the 32 x 16 indices plainly (9 bits each)?
 #
-# 1. The validation NLL is in bits per latent. How many bits does the transformer need for a whole slice, and
-#    how does that compare with storing the 32 x 16 indices plainly (9 bits each)?
-# 2. Draw samples at temperature 0.7 and 1.3 and judge them with `sample_metrics.judge`. Which numbers move,
-#    and in which direction? Which target does a low temperature put at risk?
-# 3. The influence map shows the reach of 4 layers with 3-wide kernels. How many rows above a position can the
-#    committed PixelCNN (8 layers, kernel 5) see? What can the transformer see?
-# 4. Why must the memorisation check compare the samples with the training maps, and not with the test maps?
-# 5. The lesion covers a few of the 512 positions. Why does it move the summed NLL so little against the spread
-#    of the summed NLL over slices? Design a score that compares a slice only with itself (hint: the NLL of the
-#    same map with and without the region, or completions of the region from its surroundings).
+# <details><summary>Answer</summary>
+#
+# A map has $n = 32 \cdot 16 = 512$ positions, so a prior with an NLL of $b$ bits per latent needs about $512\,b$
+# bits per slice with an arithmetic coder, against $512 \log_2 512 = 4{,}608$ bits stored plainly. The hidden cell
+# multiplies each prior's best validation NLL (section 4) by the positions: the transformer needs a little under
+# three quarters of the plain cost, and even the code frequencies alone (section 1's baseline) save a little. A
+# prior is a compressor, and its NLL is its rate (notebook 05, section 6).
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+positions = maps["test"].shape[1] * maps["test"].shape[2]
+for name, f in fits.items():
+    print(f"{name}: {f['bits']:.3f} bits per latent x {positions} = {f['bits'] * positions:,.0f} bits per slice")
+print(f"code frequencies only: {unigram / math.log(2) * positions:,.0f} bits; plain indices: {positions} x "
+      f"log2 {K} = {positions * math.log2(K):,.0f} bits")
+
+# %% [markdown]
+# **Question 2.** Draw samples at temperature 0.7 and 1.3 and judge them with `sample_metrics.judge`. Which
+# numbers move, and in which direction? Which target does a low temperature put at risk?
+#
+# <details><summary>Answer</summary>
+#
+# Dividing the logits by $T < 1$ moves probability onto the likeliest codes at every position: the hidden cell shows
+# it on the transformer's predictions for real test maps, where the entropy of the next-code distribution falls and
+# the likeliest code's probability rises as $T$ falls (for any logits: both move monotonically with $T$). So expect
+# samples at $T = 0.7$ to be smoother and more typical: their own NLL drops (below that of real maps), diversity
+# falls (mean pairwise SSIM rises) and the nearest-training-map distance falls; precision tends to rise and recall
+# and coverage to fall, as the samples crowd the densest part of the real manifold. Expect the reverse at $T = 1.3$,
+# with noisier, less plausible slices and growing Fréchet and kernel distances. Nucleus sampling is a milder cut of
+# the tail, and the top-p rows of section 6's table already show the same moves of the own NLL, the diversity and
+# the nearest-map distance, which the cell prints side by side. The target at risk is **memorisation** (no sample
+# nearer a training map than the test maps are): the likeliest maps are those the prior has fitted best, the
+# training maps; with less variety the recall target comes under pressure too. To check, run
+# `generators["transformer"].sample(n_samples, seed=SEED, temperature=0.7)` and pass its images and maps to
+# `sample_metrics.judge` as in section 6.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+attn_prior, where = generators["transformer"].prior, generators["transformer"].device
+with torch.no_grad():  # logits (16, K, h, w) of the first test maps
+    logits = attn_prior(torch.as_tensor(maps["test"][:16], dtype=torch.int64, device=where),
+                        torch.as_tensor(slice_bins["test"][:16], dtype=torch.int64, device=where)).float()
+for t in (0.7, 1.0, 1.3):
+    p = (logits / t).softmax(1)
+    entropy = float(-torch.special.xlogy(p, p).sum(1).mean() / math.log(2))
+    print(f"temperature {t}: next-code entropy {entropy:.2f} bits, likeliest code's probability "
+          f"{float(p.amax(1).mean()):.2f} (mean over the positions of real test maps)")
+for name in PRIORS:
+    plain_r, nucleus_r = reports[name], reports[f"{name}, top-p {TOP_P}"]
+    print(f"{name}: own NLL {plain_r['sample_nll_mean']:.2f} -> {nucleus_r['sample_nll_mean']:.2f} bits with top-p "
+          f"{TOP_P} (test maps {plain_r['test_nll_mean']:.2f}); mean pairwise SSIM {plain_r['diversity_samples']:.3f} "
+          f"-> {nucleus_r['diversity_samples']:.3f}; nearest training map {plain_r['hamming_samples_min']:.3f} -> "
+          f"{nucleus_r['hamming_samples_min']:.3f} (test maps {plain_r['hamming_test_min']:.3f})")
+
+# %% [markdown]
+# **Question 3.** The influence map shows the reach of 4 layers with 3-wide kernels. How many rows above a position
+# can the committed PixelCNN (8 layers, kernel 5) see? What can the transformer see?
+#
+# <details><summary>Answer</summary>
+#
+# Each layer's vertical kernel covers its own row and $\lfloor k/2 \rfloor$ rows above, so $L$ layers reach
+# $L \lfloor k/2 \rfloor$ rows up in the vertical stack, and its shift by one row into the horizontal stack adds
+# one more: $1 + L \lfloor k/2 \rfloor$ rows (`PixelCNNPrior.rows_seen`). The toy of section 2 reaches
+# $1 + 4 \cdot 1 = 5$ rows; the committed PixelCNN $1 + 8 \cdot 2 = 17$ of the map's 32 rows, so the bottom half
+# of a map cannot see its top rows. The hidden cell checks this by experiment, as section 2 did: on a small random
+# network with the committed prior's layers and kernel, it changes the code directly above a position at every
+# distance and prints the farthest row that moves its logits. The transformer attends to every earlier position
+# from its first layer: position $i$ sees all $i - 1$ codes before it, up to 511 for the last one.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+committed_config = generators["PixelCNN"].prior.config
+torch.manual_seed(SEED)
+reach_toy = prior.PixelCNNPrior(prior.PriorConfig(codebook_size=K, channels=8, layers=committed_config.layers,
+                                                  kernel=committed_config.kernel, positions=0)).double().eval()
+rows, column = reach_toy.rows_seen + 4, 4
+reach_maps = torch.randint(0, K, (1, rows, 9))
+with torch.no_grad():
+    base = reach_toy(reach_maps)[0, :, -1, column]
+    moves = []
+    for r in range(rows - 1):
+        changed = reach_maps.clone()
+        changed[0, r, column] = (changed[0, r, column] + 1) % K
+        moves.append(bool((reach_toy(changed)[0, :, -1, column] - base).abs().max() > 0))
+farthest = max(rows - 1 - r for r, moved in enumerate(moves) if moved)
+print(f"{committed_config.layers} layers, kernel {committed_config.kernel}: the farthest row above that moves a "
+      f"position's logits is {farthest} rows up (rows_seen: {reach_toy.rows_seen}); the map has "
+      f"{maps['test'].shape[1]} rows")
+
+# %% [markdown]
+# **Question 4.** Why must the memorisation check compare the samples with the training maps, and not with the test
+# maps?
+#
+# <details><summary>Answer</summary>
+#
+# A prior can only copy what it was trained on: memorising means reproducing training maps. The test maps were
+# never seen, so a sample close to one is not a copy but a good new slice, which is what we want. The test maps
+# play a different part: their distance to the nearest training map is the yardstick of how far a genuinely new
+# slice of a new patient lies from the training set. A sample nearer to a training map than any test map is, is
+# suspicious; one at the test maps' distance is as new as real new data.
+#
+# </details>
+
+# %% [markdown]
+# **Question 5.** The lesion covers a few of the 512 positions. Why does it move the summed NLL so little against
+# the spread of the summed NLL over slices? Design a score that compares a slice only with itself (hint: the NLL of
+# the same map with and without the region, or completions of the region from its surroundings).
+#
+# <details><summary>Answer</summary>
+#
+# The summed NLL $-\sum_i \log_2 p(c_i \mid c_{<i})$ adds up 512 terms. The lesion changes a handful of them (and a
+# few positions after it) by a few bits each, while slices differ by many more bits in total, because some show
+# more anatomy and texture than others, and their codes are harder to predict everywhere. The hidden cell prints,
+# for the prior of sections 7 and 8, the mean extra bits the lesion adds to a slice, next to the standard deviation
+# of the summed NLL over the normal slices. A score that compares a slice with itself removes that spread: for a
+# region $R$, take the NLL of the map as it is minus the NLL of the same map with $R$ replaced by completions the
+# prior draws for it from its surroundings (averaged over a few draws; the positions after $R$ count too, as they
+# are predicted from it). For a normal slice that difference is near zero; for a region the prior cannot explain
+# it is large. Section 8's paired comparison is the oracle form of this score, with the true normal slice in
+# place of the completions, and the hidden cell prints how often it ranks the lesioned version higher.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+normal_sum, lesion_sum = (b.sum((1, 2)) for b in shown_bits)
+print(f"{best_prior}: the lesion adds {np.mean(lesion_sum - normal_sum):.1f} bits to a slice's summed NLL on "
+      f"average; over the normal slices the summed NLL has a standard deviation of {normal_sum.std():.1f} bits")
+print(f"paired: the lesioned version scores higher in {100 * np.mean(lesion_sum > normal_sum):.0f} % of the "
+      f"{len(normal_sum)} slices")

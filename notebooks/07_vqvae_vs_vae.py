@@ -72,11 +72,31 @@ print(f"device: {device}; {'full training run' if full else 'short demonstration
 # ## 1. The Gaussian VAE
 #
 # The VAE keeps the VQ-VAE's encoder and decoder (`model.Encoder`, `model.Decoder`) and its 8x latent grid of
-# 32 x 16 positions with 64 channels; the encoder's last layer gives a mean and a log-variance for every
-# channel, z is drawn from that Gaussian (the reparameterisation trick), and the decoder sees z. Training
-# maximises the evidence lower bound: a reconstruction likelihood minus KL(q(z | x) || N(0, I)). With a
-# Gaussian decoder of variance sigma^2, the best sigma^2 for a batch is its MSE, which gives
-# (Rybkin et al. 2021):
+# 32 x 16 positions with 64 channels; the encoder's last layer gives a mean $\mu$ and a log-variance
+# $\log \sigma^2$ for every channel and position, so the posterior is $q(z \mid x) = \mathcal{N}(\mu, \operatorname{diag} \sigma^2)$.
+# The decoder sees a sample of it, drawn with the **reparameterisation trick**,
+#
+# $$
+# z = \mu + \sigma \odot \epsilon, \qquad \epsilon \sim \mathcal{N}(0, I), \qquad \sigma = \exp\left(\tfrac{1}{2} \log \sigma^2\right),
+# $$
+#
+# so the randomness sits in $\epsilon$ and gradients flow through $\mu$ and $\sigma$ to the encoder. Training
+# maximises the evidence lower bound (ELBO) on the log-likelihood of a slice,
+#
+# $$
+# \log p(x) \ge \mathbb{E}_{q(z \mid x)}\left[\log p(x \mid z)\right] - \mathrm{KL}\left(q(z \mid x) \,\|\, \mathcal{N}(0, I)\right),
+# \qquad \mathrm{KL} = \frac{1}{2} \sum_j \left(\mu_j^2 + \sigma_j^2 - 1 - \log \sigma_j^2\right),
+# $$
+#
+# the sum running over every channel and position of the latent grid. With a Gaussian decoder of variance
+# $\sigma_x^2$ on each pixel, $-\log p(x \mid z)$ per pixel is $\frac{1}{2} \log(2\pi\sigma_x^2) + \frac{\mathrm{MSE}}{2\sigma_x^2}$;
+# its minimum over $\sigma_x^2$ is at $\sigma_x^2 = \mathrm{MSE}$, the batch's mean squared error, where it is
+# $\frac{1}{2} \log(2\pi e\, \mathrm{MSE})$. The loss, in nats per pixel of an $H \times W$ slice, is then
+# (Rybkin et al. 2021)
+#
+# $$
+# \mathcal{L} = \frac{1}{2} \log\left(2\pi e\, \mathrm{MSE}\right) + \frac{\mathrm{KL}}{HW}:
+# $$
 
 # %%
 print(inspect.getsource(vae.neg_elbo))
@@ -121,7 +141,7 @@ viz.curves({
     "validation SSIM": {"VAE": (epochs, [h["val_ssim"] for h in curve]),
                         "VQ-VAE": (epochs, [h["val_ssim"] for h in vq_payload["history"]][:len(epochs)])},
     "latent channels used (validation)": {"VAE": (epochs, [h["val_active"] for h in curve])},
-}, FIGS / "07_vae_curves.png", ncols=4);
+}, FIGS / "07_vae_curves.png", ncols=4, ylim={"latent channels used (validation)": (0, None)});
 print(f"{vae_path}: {curve[-1]['val_active']} of {gauss.config.embed_dim} latent channels carry information "
       f"(mean KL above {vae.ACTIVE_KL} nats per position)")
 claims(vae_payload["train_config"]["epochs"] == vq_payload["train_config"]["epochs"] == 15,
@@ -152,8 +172,14 @@ viz.image_rows({"original": [real[i] for i in pick], "VQ-VAE": [vq_recon[i] for 
 # ## 3. Sharpness, measured
 #
 # "Blurry" means missing high spatial frequencies. We measure the share of each image's spectral power above
-# 0.25 cycles per pixel (`metrics.high_frequency_share`) and compare it with the real slices': a blurred image
-# has less, a noisy one more.
+# 0.25 cycles per pixel (`metrics.high_frequency_share`),
+#
+# $$
+# \frac{\sum_{\|f\| > 0.25} |X(f)|^2}{\sum_{f} |X(f)|^2},
+# $$
+#
+# with $X$ the 2-D discrete Fourier transform of the image minus its mean and $\|f\|$ the radial frequency in
+# cycles per pixel, and compare it with the real slices': a blurred image has less, a noisy one more.
 
 # %%
 samples_vq, _, _ = prior.sample_slices(VQ_CHECKPOINT, PRIOR_CHECKPOINT, n_samples, seed=SEED, device=str(device))
@@ -228,9 +254,14 @@ results_07 = {
 # %% [markdown]
 # ## 5. Both as density models: rate, distortion and one ELBO
 #
-# A VQ-VAE is a VAE whose posterior q(z | x) is one-hot: all its mass sits on the encoder's nearest code at
-# every position. Its KL to a uniform prior over K codes is then log K per position, whatever the slice: a
-# constant, which is why the paper's loss leaves it out.
+# A VQ-VAE is a VAE whose posterior $q(z \mid x)$ is one-hot: all its mass sits on the encoder's nearest code at
+# every position. Its KL to a uniform prior over $K$ codes is then, at each position,
+#
+# $$
+# \mathrm{KL}(q \,\|\, u) = \sum_{k=1}^{K} q_k \log \frac{q_k}{1/K} = 1 \cdot \log \frac{1}{1/K} = \log K,
+# $$
+#
+# whatever the slice: a constant, which is why the paper's loss leaves it out.
 
 # %%
 K = vq.config.codebook_size
@@ -239,13 +270,21 @@ claims(abs(rate.one_hot_kl(K) - np.log(K)) < 1e-6, "a one-hot posterior's KL to 
        f"{rate.one_hot_kl(K):.6f} against {np.log(K):.6f}")
 
 # %% [markdown]
-# With a prior p(z) in place of the uniform one, the one-hot posterior's KL is -log p(z) (its entropy is zero):
-# the prior's NLL of the code map, what the map costs to store (notebook 05, section 6). The Gaussian VAE's
-# rate is its KL to N(0, I). Both models then have a negative ELBO in the same units, nats per pixel:
-# distortion, the Gaussian decoder's NLL with its noise at the optimum (sigma^2 = MSE, so 0.5 log(2 pi e MSE)),
-# plus rate, the KL spread over the 256 x 128 pixels. For the VAE the distortion is that of a slice decoded from
-# a posterior sample, as the ELBO has it. Lower is the better density model of these slices; the intensities
-# are continuous, so these are densities and may be negative.
+# With a prior $p(c)$ over whole code maps in place of the uniform one, the one-hot posterior's KL is
+# $\mathrm{KL}(q \,\|\, p) = -H(q) - \log p(c) = -\log p(c)$ (its entropy $H(q)$ is zero): the prior's NLL of the
+# code map, what the map costs to store (notebook 05, section 6). The Gaussian VAE's rate is its KL to
+# $\mathcal{N}(0, I)$. Both models then have a negative ELBO in the same units, nats per pixel:
+#
+# $$
+# -\mathrm{ELBO} = \underbrace{\tfrac{1}{2} \log\left(2\pi e\, \mathrm{MSE}\right)}_{\text{distortion}}
+# + \underbrace{\frac{R}{HW}}_{\text{rate}},
+# $$
+#
+# the distortion being the Gaussian decoder's NLL with its noise at the optimum ($\sigma_x^2 = \mathrm{MSE}$, section
+# 1) and $R$ the rate in nats per slice ($-\log p(c)$ or the KL), spread over the $HW = 256 \cdot 128$ pixels. For
+# the VAE the distortion is that of a slice decoded from a posterior sample, as the ELBO has it. Lower is the
+# better density model of these slices; the intensities are continuous, so these are densities and may be
+# negative.
 
 # %%
 pixels = real.shape[1] * real.shape[2]
@@ -308,10 +347,72 @@ print(claims)
 
 # %% [markdown]
 # ## Questions
+
+# %% [markdown]
+# **Question 1.** Look at the sharpness numbers: which model is blurrier in its reconstructions, and in its
+# samples? Does it agree with the common claim?
 #
-# 1. Look at the sharpness numbers: which model is blurrier in its reconstructions, and in its samples? Does it
-#    agree with the common claim?
-# 2. The VAE's KL shows how many latent channels it uses. Why would a VAE switch channels off, and what does a
-#    VQ-VAE do instead (compare the active codes of notebook 05)?
-# 3. The VQ-VAE was trained with an SSIM term and the VAE was not. Train the VQ-VAE with `ssim_weight=0` and
-#    compare again: which differences remain?
+# <details><summary>Answer</summary>
+#
+# The hidden cell prints each high-frequency share and its ratio to the real slices'. In reconstructions the two
+# are close (the VAE's share is at least 0.8 of the VQ-VAE's, a checked claim), and with the committed checkpoints
+# it is the VQ-VAE, if either, that has the smaller share; both keep well under half of the real slices' high frequencies, because
+# a $32 \times 16$ bottleneck loses the fine texture whatever the latent. In samples the VAE is not blurrier at
+# all: decoding $z \sim \mathcal{N}(0, I)$ gives more high-frequency power than real slices have. Those $z$ are
+# unlike the posterior samples the decoder was trained on (the KL term pulls each $q(z \mid x)$ towards
+# $\mathcal{N}(0, I)$, but their mixture over the training slices does not fill it), so it decodes texture without
+# anatomy. The VQ-VAE's samples, code maps from a prior trained on real maps, are as smooth as its
+# reconstructions. So the common claim does not hold here: with the same grid and budget the VAE's weakness is
+# implausible, noisy samples, not blur.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+for name, value in {**hf, "VQ-VAE samples": hf_vq_samples, "VAE samples": hf_vae_samples}.items():
+    print(f"{name:<15} high-frequency share {value:.4f}, {value / hf['real (test)']:.2f} of the real slices'")
+
+# %% [markdown]
+# **Question 2.** The VAE's KL shows how many latent channels it uses. Why would a VAE switch channels off, and what
+# does a VQ-VAE do instead (compare the active codes of notebook 05)?
+#
+# <details><summary>Answer</summary>
+#
+# Every channel pays for what it carries: its KL term $\frac{1}{2}(\mu_j^2 + \sigma_j^2 - 1 - \log \sigma_j^2)$ is
+# zero only when $\mu_j = 0$ and $\sigma_j = 1$ whatever the slice, that is when the channel carries no
+# information about $x$. A channel whose information lowers the distortion by less than its KL costs is cheaper
+# switched off (posterior collapse of that channel), and the decoder learns to ignore it. The VQ-VAE's rate is
+# fixed instead: a one-hot posterior costs $\log K$ per position against the uniform prior (section 5), whatever the
+# encoder does, so nothing in its loss rewards carrying less, and all its channels feed the lookup. Its
+# equivalent of an unused channel is an unused code (notebook 03's collapse): capacity it leaves idle, which
+# lowers its effective rate (the perplexity) but not its nominal $\log K$. With EMA, k-means initialisation and
+# restarts the default recipe keeps hundreds of its codes in use (notebook 05). The hidden cell prints both:
+# the VAE's active channels at its last epoch (at this budget the KL switches off only a few, if any) and the
+# distinct codes in the VQ-VAE's test maps.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+print(f"VAE: {curve[-1]['val_active']} of {gauss.config.embed_dim} latent channels active on the validation split "
+      f"(mean KL above {vae.ACTIVE_KL} nats per position)")
+print(f"VQ-VAE: {len(np.unique(vq_maps))} of {K} codes used in the test maps")
+
+# %% [markdown]
+# **Question 3.** The VQ-VAE was trained with an SSIM term and the VAE was not. Train the VQ-VAE with `ssim_weight=0`
+# and compare again: which differences remain?
+#
+# <details><summary>Answer</summary>
+#
+# This needs a training run (about 12 minutes on a 2-core CPU, as `default_8x.pt`):
+# `python -m vqvae_lib train --preset default --downsample 8 --epochs 15 --ssim-weight 0 --data-dir data/phantom --out runs/vq_mse`,
+# then set `VQ_CHECKPOINT` to its `best.pt`. Sections 4 and 5 also need a prior trained on the new model's codes
+# (`python -m vqvae_lib prior --checkpoint runs/vq_mse/best.pt --data-dir data/phantom --out runs/vq_mse_prior`,
+# and set `PRIOR_CHECKPOINT` to its `best.pt`). What to expect: both models then minimise a squared error, so the
+# VQ-VAE's SSIM should fall towards the VAE's, its PSNR stay about the same or rise a little, and its
+# reconstructions grow smoother (MSE alone rewards a blurred average of the noisy texture, notebook 04).
+# What the loss term cannot explain, and so should remain: the rates (a VQ-VAE's map costs at most
+# $\log_2 K$ bits per position, the VAE's KL about three times the bits of the VQ-VAE's map under its prior),
+# and the samples (the VAE's decoded from $\mathcal{N}(0, I)$, noisy; the VQ-VAE's from a prior over real code
+# maps). Whether the VQ-VAE with its prior stays the better density model on one negative ELBO is the real test:
+# its distortion term $\frac{1}{2}\log(2\pi e\,\mathrm{MSE})$ is what the squared-error training optimises.
+#
+# </details>

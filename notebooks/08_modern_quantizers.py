@@ -74,10 +74,23 @@ print(f"python {platform.python_version()}, torch {torch.__version__}, vqvae_lib
 # %% [markdown]
 # ## 1. The rotation trick
 #
-# The straight-through estimator of notebook 03 hands every encoder output z in a code's cell the same
-# gradient, the one the decoder sends to the code e: where in the cell z sits makes no difference. The rotation
-# trick instead treats the lookup as a rotation and rescaling that turns z onto e, and passes the gradient back
-# through that same (frozen) rotation. The forward value is still exactly e; only the gradient changes:
+# The straight-through estimator of notebook 03, $q = e + z - \operatorname{sg}[z]$, hands every encoder output
+# $z$ in a code's cell the same gradient, the one the decoder sends to the code $e$:
+# $\partial \mathcal{L} / \partial z = \partial \mathcal{L} / \partial q$, wherever in the cell $z$ sits. The
+# rotation trick instead treats the lookup as a rotation and rescaling that turns $z$ onto $e$, and passes the
+# gradient back through that same (frozen) rotation:
+#
+# $$
+# q = \operatorname{sg}\left[\frac{\|e\|}{\|z\|}\right] \operatorname{sg}[R]\, z, \qquad
+# R z = z - 2 r (r^\top z) + 2 \hat e (u^\top z), \qquad
+# u = \frac{z}{\|z\|}, \quad \hat e = \frac{e}{\|e\|}, \quad r = \frac{u + \hat e}{\|u + \hat e\|},
+# $$
+#
+# with $R$ the rotation in the plane of $z$ and $e$ that turns $u$ onto $\hat e$ (written with Householder
+# reflections, so it is never formed as a matrix). The forward value is still exactly $e$ (up to rounding), and
+# the encoder gets $\partial \mathcal{L} / \partial z = \frac{\|e\|}{\|z\|} R^\top \partial \mathcal{L} / \partial q$:
+# the decoder's gradient rotated by the angle between $z$ and $e$ and scaled. In the quantizer, the value passed
+# on is $e + q - \operatorname{sg}[q]$, so the codes get no gradient from it (EMA or the codebook loss moves them):
 
 # %%
 viz.show_source(rotation_trick)
@@ -85,7 +98,7 @@ viz.show_source(rotation_trick)
 # %% [markdown]
 # Below, twelve encoder outputs share one code, and the decoder asks to move the code to the left. With the
 # straight-through copy all twelve move left by the same step; with the rotation trick each step is rotated
-# by the angle between z and e and scaled by ||e|| / ||z|| (lengths measured from the origin, the cross), so
+# by the angle between $z$ and $e$ and scaled by $\|e\| / \|z\|$ (lengths measured from the origin, the cross), so
 # outputs on either side of the code move apart or together.
 
 # %%
@@ -118,7 +131,15 @@ claims(np.allclose(np.linalg.norm(steps["rotation trick"], axis=1), 0.5 * scale,
 # down to a few dimensions (8 here, `lookup_dim`), where codes are cheap to compare and to keep in use. There,
 # both the vector and the codes are l2-normalised: the nearest code is the one at the smallest angle, and no code
 # can win (or lose) a vector by its length alone. The chosen unit code is projected back to 64 dimensions for
-# the decoder:
+# the decoder. With the learned projections $W_{\text{in}}$ (64 to 8) and $W_{\text{out}}$ (8 to 64):
+#
+# $$
+# k^* = \arg\max_k \frac{(W_{\text{in}} z)^\top e_k}{\|W_{\text{in}} z\| \, \|e_k\|}, \qquad
+# \text{decoder input } W_{\text{out}} \frac{e_{k^*}}{\|e_{k^*}\|}
+# $$
+#
+# (each projection also adds a bias). For unit vectors $\|a - b\|^2 = 2 - 2 a^\top b$, so the Euclidean lookup
+# of notebook 03 on the normalised vectors is exactly this largest cosine:
 
 # %%
 viz.show_source(CosineQuantizer.forward)
@@ -142,11 +163,22 @@ claims(same_cosine == 1.0 and same_euclid < 0.5, "tripling a vector never change
 # %% [markdown]
 # ## 3. Finite scalar quantization
 #
-# FSQ drops the codebook. A projection takes each encoder output to d = len(levels) numbers; a tanh squashes
-# number i into an interval that holds `levels[i]` integers, and rounding (with the straight-through copy)
-# picks one. The codes are simply all the points of that grid, prod(levels) of them, numbered as mixed-radix
-# numbers of their digits. Nothing is learned in the grid, so no code can die, and there is no codebook or
-# commitment loss to weigh:
+# FSQ drops the codebook. A projection takes each encoder output to $d$ = `len(levels)` numbers; a tanh squashes
+# number $i$ into an interval that holds $L_i$ = `levels[i]` integers, and rounding (with the straight-through copy)
+# picks one. With $h_i = (L_i - 1)(1 + \varepsilon)/2$, an offset $o_i = \frac{1}{2}$ for even $L_i$ (0 for odd) and
+# the shift $s_i = \operatorname{atanh}(o_i / h_i)$ that keeps $z_i = 0$ at 0,
+#
+# $$
+# b_i(z) = h_i \tanh(z_i + s_i) - o_i, \qquad
+# \hat z_i = \frac{b_i + \operatorname{sg}[\operatorname{round}(b_i) - b_i]}{\lfloor L_i / 2 \rfloor},
+# $$
+#
+# whose value is $\operatorname{round}(b_i) / \lfloor L_i / 2 \rfloor$, in $[-1, 1]$, and whose gradient is that of
+# $b_i$ (the straight-through copy). $\varepsilon = 10^{-3}$ widens the interval just enough that rounding reaches
+# exactly $L_i$ integers (a tanh never reaches its ends). The codes are simply all the points of that grid, $\prod_i
+# L_i$ of them, numbered as mixed-radix numbers of their digits $a_i = \operatorname{round}(b_i) + \lfloor L_i / 2
+# \rfloor \in \{0, \dots, L_i - 1\}$: the index is $\sum_i a_i \prod_{j < i} L_j$. Nothing is learned in the grid,
+# so no code can die, and there is no codebook or commitment loss to weigh:
 
 # %%
 viz.show_source(FiniteScalarQuantizer.bound)
@@ -242,7 +274,8 @@ claims(max(codes_used, key=codes_used.get) == "cosine, 8 dims" == min(ssim, key=
        f"{codes_used['cosine, 8 dims']} codes, SSIM {ssim['cosine, 8 dims']:.3f}")
 claims(max(speed, key=speed.get) == fsq_label, "FSQ trains fastest of the four, side by side",
        ", ".join(f"{label} {v:.1f}" for label, v in speed.items()))
-#
+
+# %% [markdown]
 # ## Checked claims
 #
 # Every sentence above that states a measured result was checked by an assertion next to the cell that
@@ -253,11 +286,97 @@ print(claims)
 
 # %% [markdown]
 # ## Questions
+
+# %% [markdown]
+# **Question 1.** With the rotation trick, two encoder outputs on opposite sides of their code get gradients that
+# point different ways. Why could that help the codebook, compared with the copy that moves them in step?
 #
-# 1. With the rotation trick, two encoder outputs on opposite sides of their code get gradients that point
-#    different ways. Why could that help the codebook, compared with the copy that moves them in step?
-# 2. The cosine lookup ignores the length of an encoder output. What information does the decoder then never
-#    see, and does that matter for MRI intensities?
-# 3. FSQ with levels 8 x 8 x 8 has 512 codes, like our codebook. How many would 8 x 5 x 5 x 5 give, and how
-#    many bits per latent position is that?
-# 4. FSQ needs no restarts. Can an FSQ code still go unused, and what would cause it?
+# <details><summary>Answer</summary>
+#
+# With the copy, every output in a code's cell takes the same step: the whole cell's cloud of outputs translates
+# as one, keeping its shape. The spread of the outputs around their mean, which is where EMA moves the code, so
+# the quantization error $\|z - e\|$ the code settles at, never changes from the decoder's gradient; only the
+# commitment loss pulls the outputs in. With the
+# rotation trick the step is $\frac{\|e\|}{\|z\|} R^\top \partial \mathcal{L} / \partial q$, different for each
+# output: outputs on opposite sides of the code move apart or together. Pulled together, they cluster closer to
+# their code (a smaller quantization error, so the code says more exactly what the encoder meant); pushed apart,
+# some cross into a neighbouring cell and start using another code, which is how the trick raises codebook usage
+# (Fifty et al. 2024). The hidden cell measures it on section 1's toy: for each pair of opposite outputs, the
+# cosine between their two steps (1 for the copy) and how much one step changes their distance (0 for the copy).
+# On slices, section 4 found the rotation trick using more codes than the copy, and scoring a higher SSIM, in one
+# short run each.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+points = z.detach().numpy()
+half = len(points) // 2  # output i and output i + half lie on opposite sides of the code
+for name, step in steps.items():
+    unit_steps = step / np.linalg.norm(step, axis=1, keepdims=True)
+    cosine = (unit_steps[:half] * unit_steps[half:]).sum(1)
+    before = np.linalg.norm(points[:half] - points[half:], axis=1)
+    after = np.linalg.norm(points[:half] + step[:half] - points[half:] - step[half:], axis=1)
+    print(f"{name}: cosine between the steps of opposite outputs {cosine.min():.3f}..{cosine.max():.3f}; their "
+          f"distance changes by {(after - before).min():+.3f}..{(after - before).max():+.3f}")
+
+# %% [markdown]
+# **Question 2.** The cosine lookup ignores the length of an encoder output. What information does the decoder
+# then never see, and does that matter for MRI intensities?
+#
+# <details><summary>Answer</summary>
+#
+# Any quantizer's decoder sees only the chosen code, never $z$ itself. What the cosine lookup adds is that the
+# length $\|W_{\text{in}} z\|$ of the projected output cannot even choose the code: two outputs that differ only in
+# scale get the same code (section 2's tripling check), and every code the decoder can receive is a unit vector
+# projected back, so no code can stand for "the same pattern, but stronger". Euclidean codes can differ in length as
+# well as in direction; cosine codes must spread everything over directions on the unit sphere of the 8-dimensional
+# lookup space. For MRI that matters: intensity is much of what tells tissues apart here (the bright bladder against
+# grey soft tissue and dark bone outlines), and a brighter version of a patch tends to give a larger encoder output.
+# The encoder must learn to put brightness into the direction of its output, or lose it. Section 4's lowest SSIM for
+# the cosine lookup fits this, though one short run cannot say it is the cause.
+#
+# </details>
+
+# %% [markdown]
+# **Question 3.** FSQ with levels 8 x 8 x 8 has 512 codes, like our codebook. How many would 8 x 5 x 5 x 5 give, and
+# how many bits per latent position is that?
+#
+# <details><summary>Answer</summary>
+#
+# The codes are all the grid points, $\prod_i L_i = 8 \cdot 5 \cdot 5 \cdot 5 = 1{,}000$ (the library's default
+# `fsq_levels`), so a position stored plainly costs $\log_2 1000 \approx 9.97$ bits, against $\log_2 512 = 9$ for
+# 8 x 8 x 8: about twice the codes for one more bit, with four channels to round instead of three. The hidden cell
+# builds both quantizers and prints their code counts and bits.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+for levels in ([8, 8, 8], [8, 5, 5, 5]):
+    grid = FiniteScalarQuantizer(levels, dim=len(levels))
+    print(f"levels {' x '.join(map(str, levels))}: {grid.num_codes} codes, {np.log2(grid.num_codes):.2f} bits per "
+          f"latent position")
+
+# %% [markdown]
+# **Question 4.** FSQ needs no restarts. Can an FSQ code still go unused, and what would cause it?
+#
+# <details><summary>Answer</summary>
+#
+# Yes. A code is used only if some encoder output rounds to it, and the learned projection decides where the
+# outputs land. If the projected channels are correlated, the outputs vary along fewer directions than the grid
+# has, and they fill only a slice of it; if they stay small, the tanh keeps them near the middle levels and the
+# outer ones go unused; and at a short budget the model may simply not need many distinct codes yet. Nothing can
+# be restarted, as there is no code vector to move: only training the projection changes it. The hidden cell
+# prints how many of its 512 codes section 4's FSQ run uses on the test split, the fewest of the four quantizers,
+# and a toy: outputs that vary in two directions only (a plane through the $8 \times 8 \times 8$ grid) reach only
+# part of its codes, however many of them there are.
+#
+# </details>
+
+# %% tags=["hide-cell"] jupyter={"source_hidden": true, "outputs_hidden": true}
+print(f"{fsq_label} on slices: {table[fsq_label]['active_codes']} of 512 codes used on the test split "
+      f"(perplexity {table[fsq_label]['perplexity']:.0f})")
+torch.manual_seed(SEED)
+cube = FiniteScalarQuantizer([8, 8, 8], dim=3)
+plane = torch.randn(100_000, 2) @ torch.randn(2, 3)  # outputs that vary in two directions only
+reached = cube.codes_to_indices(cube.quantize(plane)).unique().numel()
+print(f"toy: 100,000 outputs on a plane through the 8 x 8 x 8 grid reach {reached} of its {cube.num_codes} codes")

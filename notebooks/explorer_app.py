@@ -16,7 +16,11 @@
 #
 # The trained VQ-VAE stores every slice as a grid of code indices, one per pixel block (4 x 4 with the
 # default checkpoint). Slide through the test slices; choose a code to see where the slice uses it
-# (highlighted on the image and on the index map) and what the code alone decodes to.
+# (highlighted on the image and on the index map) and what the code alone decodes to. The index map colours each
+# code by the mean intensity it decodes to, so it shows the anatomy. To **edit** the map, type a cell's row and
+# column (of the stored map: on screen rows count from the left, columns from the bottom) and a code, and press
+# apply: the slice decoded before and after, and their difference, which stays inside the dashed box the decoder
+# lets one cell reach.
 #
 # Below it, the prior of notebook 06 makes slices of its own: **sample** draws new ones (at a chosen
 # slice position, or positions drawn at random), and **complete from this row** keeps the first code rows of the

@@ -4,13 +4,13 @@ The page is served from notebooks/explorer_app.py on the tiny phantom with the c
 sampler panel with a tiny VQ-VAE and prior trained here. The test moves the slice slider and chooses a code in
 the browser, and checks each time that the picture the page shows is the one CodebookExplorer renders in this
 process for that state, and that the chosen code's cells, and only those, are drawn in the highlight colour on
-the page's index map; then it clicks "sample" twice and "complete from this row" on the slice it moved to, and
+the page's index map; it edits one cell's code (row, column and code typed in, "apply" clicked) and checks the
+edit's picture the same way; then it clicks "sample" twice and "complete from this row" on the slice it moved to, and
 checks each new picture against SamplerPanel's rendering here. Without a Chromium (or Chrome) the tests are
 skipped, saying so; with HIPMRI_REQUIRE_BROWSER=1 (as in CI) they fail instead.
 """
 
 import io
-import os
 import secrets
 import sys
 import urllib.error
@@ -31,14 +31,7 @@ from test_explorer import tiny_generator
 CHECKPOINT = runner.REPO / "checkpoints" / "default.pt"
 
 
-@pytest.fixture(autouse=True)
-def browser_found():
-    try:
-        pageserver.find_chromium()
-    except pageserver.BrowserMissing as e:
-        if os.environ.get("HIPMRI_REQUIRE_BROWSER") == "1":
-            raise
-        pytest.skip(f"browser tests skipped: {e}")
+pytestmark = pytest.mark.usefixtures("chromium_found")
 
 
 def _pixels(png: bytes) -> np.ndarray:
@@ -127,6 +120,16 @@ def test_the_explorer_page_in_chromium(tiny_phantom, reference, generator, tmp_p
             np.testing.assert_array_equal(shown, viz.oriented(explorer.indices[k] == code))
             assert shown.sum() == state["usage"] > 0
 
+            row, col = explorer.indices.shape[1] // 3, explorer.indices.shape[2] // 2
+            new = code if code != explorer.indices[k, row, col] else (code + 1) % explorer.n_codes
+            waiting = explorer_page.image_png(page, explorer_page.EDIT_IMAGE)
+            explorer_page.edit_cell(page, row, col, new)
+            edited = explorer_page.image_png(page, explorer_page.EDIT_IMAGE)
+            assert edited != waiting
+            edit = explorer.edit_view(k, row, col, new)
+            assert edit["difference"].any()
+            _assert_same_picture(edited, explorer.render_edit(edit))
+
             assert page.locator(explorer_page.SAMPLER_ERROR).count() == 0
             pictures = [explorer_page.image_png(page, explorer_page.SAMPLE_IMAGE)]
             for seed in (0, 1):  # each click draws with the seed shown, then advances it
@@ -146,8 +149,8 @@ def test_the_explorer_page_in_chromium(tiny_phantom, reference, generator, tmp_p
     assert not [p for p in kernels if p.is_running()], "a kernel outlived the server"
     with capsys.disabled():
         print(f"\nbrowser test: executed in Chromium {version} against Voilà on {server.base}: slider moved to "
-              f"slice {k}, code {code} chosen ({state['usage']} cells highlighted), sampled twice, completed from "
-              f"row {rows}")
+              f"slice {k}, code {code} chosen ({state['usage']} cells highlighted), cell ({row}, {col}) set to code "
+              f"{new}, sampled twice, completed from row {rows}")
 
 
 def test_lab_opens_a_script_as_a_notebook_with_live_widgets(tiny_phantom, reference, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The codebook explorer, driven from Python (no browser), on a tiny untrained VQ-VAE; the sampler panel on a
 tiny VQ-VAE and transformer prior trained for one epoch on the tiny phantom."""
 
+import copy
 from pathlib import Path
 
 import ipywidgets
@@ -12,8 +13,9 @@ import torch
 from vqvae_lib import data, metrics, viz
 from vqvae_lib import prior as P
 from vqvae_lib import train as T
-from vqvae_lib.explorer import (COMPLETIONS, HIGHLIGHT, NO_CODE, PATCH_CELLS, PATCH_MARGIN, RANDOM, SAMPLES,
-                                CodebookExplorer, SamplerPanel, explorer_grid)
+from vqvae_lib.explorer import (COMPLETIONS, HIGHLIGHT, NO_CODE, PATCH_CELLS, PATCH_MARGIN, RANDOM, SAMPLES, WASH,
+                                CodebookExplorer, SamplerPanel, code_intensity, decoder_reach, explorer_grid,
+                                intensity_map)
 from vqvae_lib.model import VQVAE, ModelConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -194,12 +196,11 @@ def test_figure_shows_image_and_index_map_the_same_way_up(explorer, tmp_path):
     state = explorer.view(2, code)
     assert f"code {code}: {state['usage']} of 128 cells" == axes[1].get_title()
     shown_map = axes[1].images[0].get_array()
-    rgba = explorer.index_map_rgba(state["indices"], state["highlight"])
-    np.testing.assert_array_equal(rgba[state["highlight"], :3], np.tile(HIGHLIGHT, (state["usage"], 1)))
-    np.testing.assert_array_equal(rgba[~state["highlight"]], explorer.index_map_rgba(state["indices"])[
-        ~state["highlight"]] * [0.3, 0.3, 0.3, 1] + [0.7, 0.7, 0.7, 0])
-    np.testing.assert_array_equal(shown_map, viz.oriented(explorer.index_map_rgba(state["indices"],
-                                                                                  state["highlight"])))
+    rgb = explorer.index_map(state["indices"], state["highlight"])
+    np.testing.assert_array_equal(rgb[state["highlight"]], np.tile(HIGHLIGHT, (state["usage"], 1)))
+    np.testing.assert_allclose(rgb[~state["highlight"]],
+                               explorer.index_map(state["indices"])[~state["highlight"]] * WASH + 1 - WASH)
+    np.testing.assert_array_equal(shown_map, viz.oriented(rgb))
     np.testing.assert_array_equal(axes[0].images[0].get_array(), viz.oriented(state["image"]))
     overlay = np.asarray(axes[0].images[1].get_array())
     np.testing.assert_array_equal(overlay[..., 3] > 0, viz.oriented(state["pixel_highlight"]))
@@ -209,13 +210,205 @@ def test_figure_shows_image_and_index_map_the_same_way_up(explorer, tmp_path):
 def test_explorer_grid_has_a_row_per_slice_with_its_ssim(explorer, tmp_path):
     fig = explorer_grid(explorer, [0, 3, 5], tmp_path / "grid.png")
     assert (tmp_path / "grid.png").read_bytes().startswith(PNG)
-    assert len(fig.axes) == 9
+    assert len(fig.axes) == 10  # and the colour bar
+    assert fig.axes[9].get_xlabel() == "code coloured by the mean intensity it decodes to"
     ssim, _ = metrics.ssim_psnr(explorer.recon[[0, 3, 5]], explorer.images[[0, 3, 5]])
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[0] == "s0" and titles[3] == "s3"
     assert titles[5] == f"reconstruction (SSIM {ssim[1]:.3f})"
     np.testing.assert_array_equal(fig.axes[4].images[0].get_array(),
-                                  viz.oriented(explorer.index_map_rgba(explorer.indices[3])))
+                                  viz.oriented(intensity_map(explorer.indices[3], explorer.intensity)))
+    plt.close(fig)
+
+
+def _canvas(fig) -> np.ndarray:
+    """(height, width, 3) int pixels of a pyplot figure drawn at the saved DPI (`viz.DPI`)."""
+    fig.set_dpi(viz.DPI)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+
+
+def _panel(fig, pixels: np.ndarray, ax) -> np.ndarray:
+    """The pixels inside one axes of a drawn figure."""
+    box = ax.get_window_extent()
+    height = pixels.shape[0]
+    return pixels[int(height - box.y1) + 1:int(height - box.y0) - 1, int(box.x0) + 1:int(box.x1) - 1]
+
+
+def test_code_intensity_is_the_mean_of_what_each_code_decodes_to(explorer, model):
+    expected = np.array([explorer.code_patch(k).mean() for k in range(16)])
+    np.testing.assert_allclose(code_intensity(model, batch_size=3), expected, atol=1e-6)  # in batches of 3 codes
+    np.testing.assert_allclose(explorer.intensity, expected, atol=1e-6)
+    assert np.ptp(expected) > 0
+
+
+def test_a_brighter_decoding_code_gets_a_brighter_colour(explorer):
+    luminance = np.array([0.2126, 0.7152, 0.0722])
+    rgb = intensity_map(np.array([[0, 1, 2, 3]]), np.array([0.9, 0.1, 0.5, 1.7]))[0]
+    bright = rgb @ luminance
+    assert bright[1] < bright[2] < bright[0] < bright[3]
+    np.testing.assert_array_equal(rgb[3], intensity_map(np.array([[0]]), np.array([1.0]))[0, 0])  # clipped at vmax
+    # the explorer's codes, on a scale spanning their intensities: colour brightness follows the decoded intensity
+    intensity = explorer.intensity
+    order = np.argsort(intensity)
+    ranked = intensity_map(order[None], intensity, vmin=intensity.min(), vmax=intensity.max())[0] @ luminance
+    assert (np.diff(ranked) >= 0).all() and ranked[-1] > ranked[0] + 0.5
+    cells = explorer.index_map(explorer.indices[2])
+    np.testing.assert_array_equal(cells, intensity_map(explorer.indices[2], intensity))
+    highlight = explorer.indices[2] == explorer.indices[2, 0, 0]
+    marked = intensity_map(explorer.indices[2], intensity, highlight)
+    np.testing.assert_array_equal(marked[highlight], np.tile(HIGHLIGHT, (highlight.sum(), 1)))
+    assert not np.isclose(marked[~highlight], HIGHLIGHT, atol=0.1).all(axis=-1).any()
+
+
+def test_decoder_reach_is_exactly_where_a_linear_copy_of_the_decoder_responds(model):
+    # Without its ReLUs the decoder is affine: a change at one latent cell changes exactly the pixels its
+    # convolutions connect to that cell (random weights leave no structural zero).
+    linear = copy.deepcopy(model)
+    for module in list(linear.decoder.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.ReLU):
+                setattr(module, name, torch.nn.Identity())
+    assert not any(isinstance(m, torch.nn.ReLU) for m in linear.decoder.modules())
+    torch.manual_seed(1)
+    z = torch.randn(1, 8, 16, 8)
+    for row, col in [(0, 0), (7, 4), (15, 7), (2, 6)]:
+        moved = z.clone()
+        moved[0, :, row, col] += torch.randn(8)
+        with torch.no_grad():
+            changed = (linear.decoder(moved) != linear.decoder(z))[0, 0].numpy()
+        rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+        box = (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
+        assert decoder_reach(model, row, col, (64, 32)) == decoder_reach(linear, row, col, (64, 32)) == box
+
+
+def test_an_edit_changes_one_cell_and_the_decoding_only_within_the_decoders_reach(explorer, model):
+    k, row, col = 3, 7, 4
+    old = int(explorer.indices[k, row, col])
+    code = int(np.argmax(np.abs(explorer.intensity - explorer.intensity[old])))
+    state = explorer.edit_view(k, row, col, code)
+    assert (state["index"], state["row"], state["col"], state["code"], state["old_code"]) == (k, row, col, code, old)
+    changed = state["edited"] != explorer.indices[k]
+    assert changed.sum() == 1 and changed[row, col] and state["edited"][row, col] == code
+    np.testing.assert_array_equal(state["indices"], explorer.indices[k])  # the explorer's own map is untouched
+    np.testing.assert_allclose(state["original"], explorer.recon[k], atol=1e-5)
+    decoded = model.decode_indices(torch.from_numpy(state["edited"][None]))[0, 0].clamp(0, 1).numpy()
+    np.testing.assert_allclose(state["decoded"], decoded, atol=1e-5)
+    np.testing.assert_array_equal(state["difference"], state["decoded"] - state["original"])
+    top, bottom, left, right = state["reach"]
+    assert state["reach"] == decoder_reach(model, row, col, (64, 32))
+    assert state["cell"] == (row * D, (row + 1) * D, col * D, (col + 1) * D)
+    assert top < row * D and bottom > (row + 1) * D and left < col * D and right > (col + 1) * D
+    outside = np.ones((64, 32), dtype=bool)
+    outside[top:bottom, left:right] = False
+    assert outside.mean() > 0.4  # the reach is a part of the slice, not all of it
+    assert not state["difference"][outside].any()
+    assert np.abs(state["difference"][row * D:(row + 1) * D, col * D:(col + 1) * D]).max() > 0
+
+
+def test_editing_a_cell_to_its_own_code_changes_nothing(explorer):
+    state = explorer.edit_view(1, 5, 2, explorer.indices[1, 5, 2])
+    np.testing.assert_array_equal(state["edited"], explorer.indices[1])
+    assert not state["difference"].any()
+    np.testing.assert_array_equal(state["decoded"], state["original"])
+
+
+def test_bad_edits_are_refused(explorer):
+    with pytest.raises(ValueError, match=r"row 16 outside the index map's 16 x 8 cells: row in \[0, 16\)"):
+        explorer.edit_view(0, 16, 0, 1)
+    with pytest.raises(ValueError, match=r"col -1 outside the index map's 16 x 8 cells: col in \[0, 8\)"):
+        explorer.edit_view(0, 0, -1, 1)
+    with pytest.raises(ValueError, match=r"code 16 outside the codebook \[0, 16\)"):
+        explorer.edit_view(0, 0, 0, 16)
+    with pytest.raises(IndexError, match=r"slice 6 outside \[0, 6\)"):
+        explorer.edit_view(6, 0, 0, 1)
+
+
+def test_the_edit_picture_outlines_the_cell_where_the_slice_shows_it(explorer):
+    from matplotlib.figure import Figure
+
+    state = explorer.edit_view(2, 9, 3, 5)
+    fig = explorer._draw_edit(Figure(), state)
+    assert [ax.get_title() for ax in fig.axes][:3] == [f"cell (9, 3): code {state['old_code']} -> 5",
+                                                      "original decoding", "edited decoding"]
+    cell = np.zeros((64, 32), dtype=bool)
+    cell[9 * D:10 * D, 3 * D:4 * D] = True
+    reach = np.zeros((64, 32), dtype=bool)
+    reach[slice(*state["reach"][:2]), slice(*state["reach"][2:])] = True
+    edited = state["edited"] != state["indices"]
+    for ax, mask in [(fig.axes[0], edited), (fig.axes[1], cell), (fig.axes[2], cell), (fig.axes[3], cell)]:
+        rows, cols = np.nonzero(viz.oriented(mask))  # where the panel shows those pixels
+        box = ax.patches[0]
+        assert (box.get_x(), box.get_y()) == (cols.min() - 0.5, rows.min() - 0.5)
+        assert (box.get_width(), box.get_height()) == (cols.max() - cols.min() + 1, rows.max() - rows.min() + 1)
+    rows, cols = np.nonzero(viz.oriented(reach))
+    dashed = fig.axes[3].patches[1]
+    assert (dashed.get_x(), dashed.get_y()) == (cols.min() - 0.5, rows.min() - 0.5)
+    assert (dashed.get_width(), dashed.get_height()) == (np.ptp(cols) + 1, np.ptp(rows) + 1)
+    np.testing.assert_array_equal(fig.axes[3].images[0].get_array(), viz.oriented(state["difference"]))
+    assert explorer.render_edit(state).startswith(PNG)
+
+
+def test_the_edit_controls_render_the_edit_of_the_current_slice(explorer):
+    explorer.widget()
+    assert (explorer.edit_row.value, explorer.edit_col.value) == (8, 4)  # the map's centre
+    assert (explorer.edit_row.max, explorer.edit_col.max, explorer.edit_code.max) == (15, 7, 15)
+    assert explorer.edit_state is None
+    waiting = bytes(explorer.edit_image.value)
+    explorer.slider.value = 2
+    explorer.edit_row.value, explorer.edit_col.value, explorer.edit_code.value = 3, 5, 7
+    explorer.edit_button.click()
+    state = explorer.edit_state
+    assert (state["index"], state["row"], state["col"], state["code"]) == (2, 3, 5, 7)
+    assert bytes(explorer.edit_image.value) == explorer.render_edit(explorer.edit_view(2, 3, 5, 7)) != waiting
+    explorer.slider.value = 4  # a new slice: the old edit goes
+    assert explorer.edit_state is None and bytes(explorer.edit_image.value) == waiting
+
+
+def test_static_png_is_the_widgets_first_picture(explorer):
+    explorer.widget()
+    assert explorer.static_png() == _png(explorer) == explorer.render_png(explorer.view(0))
+
+
+def test_the_code_alone_panel_has_its_own_grey_scale(explorer):
+    k = 4
+    spread = {c: np.ptp(explorer.code_patch(c)) for c, _ in explorer.codes_by_use(k)}
+    code = max(spread, key=spread.get)
+    patch = explorer.code_patch(code)
+    fig = explorer.figure(k, code)
+    ax = fig.axes[3]
+    assert ax.get_title() == f"code {code} alone\nown scale {patch.min():.2f}-{patch.max():.2f}"
+    assert ax.images[0].norm.vmin == patch.min() and ax.images[0].norm.vmax == patch.max()
+    shown = _panel(fig, _canvas(fig), ax)
+    assert shown.min() <= 10 and shown.max() >= 245  # black to white: not clipped, not one grey
+    plt.close(fig)
+
+
+def test_highlighted_cells_are_visible_at_the_saved_size(model):
+    # Slices of the real size (256 x 128, 4 x 4 blocks), where one cell is a few pixels of the saved figure.
+    big = CodebookExplorer(model, np.kron(_ellipses(2), np.ones((1, 4, 4), dtype=np.float32)))
+    cells = big.indices[0]
+    found = None
+    for code, _ in reversed(big.codes_by_use(0)):  # a highlighted cell with no other within two cells
+        mine = np.argwhere(cells == code)
+        for r, c in mine:
+            if (np.abs(mine - [r, c]).max(axis=1) <= 2).sum() == 1:
+                found = code, r, c
+                break
+        if found:
+            break
+    code, r, c = found
+    fig = big.figure(0, code)
+    pixels = _canvas(fig)
+    ax = fig.axes[0]
+    x, y = ax.transData.transform([((r + 0.5) * D - 0.5, 128 - (c + 0.5) * D - 0.5)])[0]
+    cell_px = (ax.transData.transform([(D, 0)]) - ax.transData.transform([(0, 0)]))[0, 0]
+    assert cell_px < 6  # a cell is small at the saved size
+    row, col = int(round(pixels.shape[0] - y)), int(round(x))
+    window = pixels[row - 9:row + 10, col - 9:col + 10]
+    marked = (np.abs(window - HIGHLIGHT * 255) <= 30).all(axis=2)
+    rows, cols = np.nonzero(marked)
+    assert np.ptp(rows) + 1 >= 10 and np.ptp(cols) + 1 >= 10, "the mark round the cell spans under 10 pixels"
     plt.close(fig)
 
 
@@ -275,6 +468,12 @@ def test_samples_follow_the_seed(panel):
     fixed = panel.sample_view(0.7, 3, 0, n=2)
     assert fixed["bins"].tolist() == [3, 3] and fixed["temperature"] == 0.7
     assert panel.render_sample(fixed).startswith(PNG) and panel.render_sample(first) != panel.render_sample(other)
+
+
+def test_the_panels_static_png_is_its_first_samples(panel):
+    panel.widget()
+    panel.sample_button.click()
+    assert panel.static_png() == bytes(panel.sample_image.value) == panel.render_sample(panel.sample_view(1.0, None, 0))
 
 
 def test_bad_sampler_inputs_are_refused(panel):

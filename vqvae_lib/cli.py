@@ -93,6 +93,19 @@ def _task(name: str, *args: Any, **kwargs: Any) -> int:
     return code if isinstance(code, int) else 0
 
 
+def _book(args: argparse.Namespace) -> int:
+    from . import book, pageserver
+    options = {key: getattr(args, key).resolve() for key in ("executed", "out", "fig_dir") if getattr(args, key)}
+    index = book.build(**options)
+    print(f"wrote the site {index}")
+    if args.screenshot:
+        try:
+            print(f"wrote {book.screenshot(index.parent, args.screenshot)}")
+        except pageserver.BrowserMissing as e:
+            logging.getLogger(__name__).warning("%s was not written: %s", args.screenshot, e)
+    return 0
+
+
 def _ipynb(args: argparse.Namespace) -> int:
     from . import runner
     changed = runner.publish(Path(args.out), check=args.check)
@@ -611,6 +624,16 @@ def build_parser() -> argparse.ArgumentParser:
                                               "repository)")
     p.set_defaults(func=lambda args: _task("figures", **{key: getattr(args, key).resolve() for key in
                                                          ("data_dir", "fig_dir", "build") if getattr(args, key)}))
+
+    p = sub.add_parser("book", help="the series as a static website of the notebooks as `figures` executed them, "
+                                   "with the README as its front page (OUT/html/index.html)")
+    p.add_argument("--executed", type=Path, help="the executed notebooks (default: build/executed/ in the repository)")
+    p.add_argument("--out", type=Path, help="the site's folder, replaced if it holds an earlier site (default: "
+                                            "build/book/ in the repository)")
+    p.add_argument("--fig-dir", type=Path, help="the README's figures (default: figures/ in the repository)")
+    p.add_argument("--screenshot", type=Path, help="also write a PNG screenshot of one chapter's page (needs a "
+                                                   "Chromium: skipped with a warning without one)")
+    p.set_defaults(func=_book)
 
     p = sub.add_parser("lab", help="JupyterLab on 127.0.0.1 with the series; the .py notebooks open as notebooks")
     p.add_argument("--lab-dir", type=Path, help="the folder it shows (default: the repository)")

@@ -49,6 +49,9 @@ SLIDER_HANDLE = f"{SLIDER} .noUi-handle"
 CODE_SELECT = ".explorer-code select"
 IMAGE = "img.explorer-image"
 ERROR = ".explorer-error"
+EDIT_ROW, EDIT_COL, EDIT_CODE = ".explorer-edit-row input", ".explorer-edit-col input", ".explorer-edit-code input"
+EDIT_BUTTON = "button.explorer-edit-apply"
+EDIT_IMAGE = "img.explorer-edit-image"
 SAMPLE_BUTTON = "button.sampler-sample"
 SAMPLE_IMAGE = "img.sampler-sample-image"
 ROWS = ".sampler-rows"
@@ -135,7 +138,7 @@ def notebook(build: Path = runner.REPO / "build") -> Path:
 
 def open_page(page: Page, url: str, timeout_ms: float = 120_000) -> None:
     """Load the page and wait until the explorer's picture (or its error text) is shown."""
-    page.goto(url)
+    page.goto(url, timeout=timeout_ms)  # Voilà answers once the page's notebook has run
     page.wait_for_selector(f"{IMAGE}[src], {ERROR}", timeout=timeout_ms)
     if page.locator(ERROR).count():
         raise RuntimeError(f"the explorer page shows an error: {page.locator(ERROR).inner_text()}")
@@ -177,6 +180,20 @@ def choose_code(page: Page, code: int, timeout_ms: float = 60_000) -> None:
         raise ValueError(f"code {code} is not in the dropdown of the current slice: {labels}")
     page.select_option(CODE_SELECT, index=index)
     _await_new_picture(page, before, timeout_ms)
+
+
+def edit_cell(page: Page, row: int, col: int, code: int, timeout_ms: float = 60_000) -> None:
+    """Type a latent cell (row, col) and a code into the editor, click "apply" and wait for the edit's picture;
+    ValueError if a box shows another number than typed (outside its range)."""
+    for box, value in ((EDIT_ROW, row), (EDIT_COL, col), (EDIT_CODE, code)):
+        page.fill(box, str(value))
+        page.press(box, "Enter")
+        shown = page.input_value(box)
+        if shown != str(value):
+            raise ValueError(f"{box} shows {shown} after typing {value}: outside its range?")
+    before = page.get_attribute(EDIT_IMAGE, "src")
+    page.click(EDIT_BUTTON)
+    _await_new_picture(page, before, timeout_ms, EDIT_IMAGE)
 
 
 def click_sample(page: Page, timeout_ms: float = 120_000) -> None:

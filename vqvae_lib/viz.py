@@ -18,6 +18,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from .data import LABELS
@@ -247,16 +248,26 @@ def latent_grids(image: np.ndarray, factors: Sequence[int], path: str | Path | N
 
 
 def curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path: str | Path | None,
-           *, xlabel: str = "epoch", logy: bool | Sequence[str] = False, logx: bool = False, ncols: int = 3
-           ) -> plt.Figure:
+           *, xlabel: str = "epoch", logy: bool | Sequence[str] = False, logx: bool = False, ncols: int = 3,
+           ylim: Mapping[str, tuple[float | None, float | None]] | None = None,
+           mark: Mapping[str, float] | None = None) -> plt.Figure:
     """Line plots, one panel per title. panels: {title: {series label: (x, y)}}; logy: True or panel titles;
-    logx: a log-2 x axis for every panel, ticked at the x values (e.g. codebook sizes)."""
+    logx: a log-2 x axis for every panel, ticked at the x values (e.g. codebook sizes); ylim: {panel title:
+    (bottom, top)}, None keeping that end automatic (e.g. (0, None) so a small change is not magnified);
+    mark: {label: x} drawn as a vertical line in every panel, each with one entry in a legend below the panels
+    (e.g. {"best epoch": 12})."""
+    unknown = sorted(set(ylim or {}) - set(panels))
+    if unknown:
+        raise ValueError(f"ylim names panels that do not exist: {unknown}; the panels are {list(panels)}")
     fig, axes = _grid(len(panels), min(ncols, len(panels)), (3.6, 2.6))
     palette = ["#264653", "#e76f51", "#2a9d8f", "#e9c46a", "#8338ec"]
+    mark_styles = ("--", ":", "-.")
     for ax, (title, series) in zip(axes, panels.items()):
         for i, (label, (x, y)) in enumerate(series.items()):
             ax.plot(x, y, label=label, color=palette[i % len(palette)], lw=1.6,
                     marker="o" if len(x) < 3 else None, ms=4)
+        for k, x in enumerate((mark or {}).values()):
+            ax.axvline(x, color="#6c757d", ls=mark_styles[k % 3], lw=1.1, zorder=1)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         if logy is True or (not isinstance(logy, bool) and title in logy):
@@ -266,17 +277,35 @@ def curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[flo
             ax.set_xscale("log", base=2)
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8)
             ax.minorticks_off()
+        if title in (ylim or {}):
+            ax.set_ylim(*ylim[title])
         if len(series) > 1:
             ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
+    if mark:
+        handles = [Line2D([], [], color="#6c757d", ls=mark_styles[k % 3], lw=1.1, label=f"{label}: {x:g}")
+                   for k, (label, x) in enumerate(mark.items())]
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles),
+                   frameon=False, fontsize=9)
     return save(fig, path)
+
+
+def _coincident(points: np.ndarray, tol: float) -> list[np.ndarray]:
+    """Indices of points (N, 2) grouped where they lie within `tol` of a group's first point."""
+    left, groups = list(range(len(points))), []
+    while left:
+        near = np.abs(points[left] - points[left[0]]).max(1) <= tol
+        groups.append(np.asarray(left)[near])
+        left = [i for i, n in zip(left, near) if not n]
+    return groups
 
 
 def toy_codebooks(points: np.ndarray, runs: Mapping[str, Mapping[int, tuple[np.ndarray, np.ndarray]]],
                   path: str | Path | None) -> plt.Figure:
     """2D points, codebook vectors and their Voronoi cells at several steps; one row per run.
 
-    points: (N, 2); runs: {name: {step: (codebook (K, 2), used (K,) bool)}}.
+    points: (N, 2); runs: {name: {step: (codebook (K, 2), used (K,) bool)}}. Dead codes that coincide on screen
+    (within 1 % of the axis range) are annotated with their count; the legend sits below the panels.
     """
     steps = max(len(r) for r in runs.values())
     fig, axes = plt.subplots(len(runs), steps, figsize=(2.7 * steps, 2.8 * len(runs)), squeeze=False)
@@ -291,17 +320,29 @@ def toy_codebooks(points: np.ndarray, runs: Mapping[str, Mapping[int, tuple[np.n
             ax.imshow(cell % 20, cmap="tab20", alpha=0.35, origin="lower", interpolation="nearest",
                       extent=(lo, hi, lo, hi))
             ax.scatter(points[:, 0], points[:, 1], s=1.5, color="#555555", alpha=0.5, linewidths=0)
-            ax.scatter(*codebook[used].T, s=26, color="#e63946", edgecolors="white", linewidths=0.6,
-                       label="used")
-            ax.scatter(*codebook[~used].T, s=26, color="black", marker="x", linewidths=1.0, label="dead")
+            ax.scatter(*codebook[used].T, s=26, color="#e63946", edgecolors="white", linewidths=0.6)
+            dead = codebook[~used]
+            ax.scatter(*dead.T, s=26, color="black", marker="x", linewidths=1.0)
+            for group in _coincident(dead, 0.01 * (hi - lo)):
+                if len(group) > 1:
+                    at = dead[group].mean(0)
+                    right, up = at < (lo + hi) / 2  # point the label into the panel
+                    ax.annotate(f"{len(group)} dead codes here", at, xytext=(10 if right else -10, 10 if up else -10),
+                                textcoords="offset points", ha="left" if right else "right",
+                                va="bottom" if up else "top", fontsize=7,
+                                bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.85),
+                                arrowprops=dict(arrowstyle="-", color="black", lw=0.6))
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"step {step}: {int(used.sum())}/{len(used)} used", fontsize=9)
         row[0].set_ylabel(name)
-    axes[0, 0].legend(loc="lower left", fontsize=7, frameon=True)
     fig.tight_layout()
+    handles = [Line2D([], [], ls="", marker="o", ms=5, color="#e63946", markeredgecolor="white", label="used code"),
+               Line2D([], [], ls="", marker="x", ms=5, color="black", label="dead code (no point assigned)"),
+               Line2D([], [], ls="", marker="o", ms=2, color="#555555", label="training points")]
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False, fontsize=9)
     return save(fig, path)
 
 
@@ -323,18 +364,21 @@ def reconstructions(originals: Sequence[np.ndarray], recons: Sequence[np.ndarray
 def image_rows(rows: Mapping[str, Sequence[np.ndarray]], titles: Sequence[str] | None, path: str | Path | None, *,
                captions: Mapping[str, Sequence[str]] | None = None) -> plt.Figure:
     """One row of slices per entry of rows {row label: [(H, W) images in [0, 1]]}, on the same grey scale;
-    titles label the top row's columns, captions {row label: [text]} go under each image of a row."""
+    titles label the top row's columns, captions {row label: [text]} stand over each image of a row (under
+    the column title in the top row), so every caption is next to its own image and none to another row's."""
     n = max(len(images) for images in rows.values())
-    fig, axes = plt.subplots(len(rows), n, figsize=(2.3 * n + 0.4, 1.45 * len(rows) + 0.35), squeeze=False)
+    height = 1.45 + 0.15 * bool(captions)
+    fig, axes = plt.subplots(len(rows), n, figsize=(2.3 * n + 0.4, height * len(rows) + 0.35), squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
         for c in range(n):
             ax = axes[r, c]
             if c >= len(images):
                 ax.axis("off")
                 continue
-            _show(ax, images[c], titles[c] if titles is not None and r == 0 else None, 1.0)
-            if captions and label in captions:
-                ax.set_xlabel(captions[label][c], fontsize=8)
+            lines = [titles[c]] if titles is not None and r == 0 else []
+            lines += [captions[label][c]] if captions and label in captions else []
+            _show(ax, images[c], None, 1.0)
+            ax.set_title("\n".join(lines), fontsize=8 if captions else 9)
         axes[r, 0].set_ylabel(label)
     fig.tight_layout()
     return save(fig, path)
@@ -383,32 +427,42 @@ def likelihood_maps(images: Sequence[np.ndarray], surprise: Sequence[np.ndarray]
     return save(fig, path)
 
 
+def _decimals(span: float) -> int:
+    """Decimals that give three significant digits of `span`: numbers that differ on a plot of that range
+    differ in print (0.0050 and 0.0017 on a range of 0.005, not "0.01" and "0.00")."""
+    return max(0, 2 - int(np.floor(np.log10(span)))) if span > 0 else 3
+
+
 def distributions(values: Mapping[str, Mapping[str, np.ndarray]], path: str | Path | None,
                   baselines: Mapping[str, Mapping[str, float]] | None = None) -> plt.Figure:
-    """Histograms per metric and model. values: {metric: {model: (N,) array}}; baselines: {metric: {name: x}}."""
-    fig, axes = plt.subplots(1, len(values), figsize=(4.6 * len(values), 2.9), squeeze=False)
-    palette = ["#264653", "#e76f51", "#2a9d8f", "#e9c46a"]
+    """Histograms per metric and model, as densities so groups of different sizes compare, the metric on the x
+    axis and the legend (means to three significant digits of the panel's range) right of each panel.
+    values: {metric: {model: (N,) array}}; baselines: {metric: {name: x}} drawn as vertical lines."""
+    fig, axes = plt.subplots(1, len(values), figsize=(6.8 * len(values), 2.9), squeeze=False)
+    palette = ["#264653", "#e76f51", "#2a9d8f", "#e9c46a", "#8338ec", "#8d99ae"]
     for ax, (metric, series) in zip(axes[0], values.items()):
+        marks = (baselines or {}).get(metric, {})
         lo = min(float(np.min(v)) for v in series.values())
         hi = max(float(np.max(v)) for v in series.values())
-        bins = np.linspace(lo, hi, 40)
+        digits = _decimals(max([hi, *marks.values()]) - min([lo, *marks.values()]))
+        bins = np.linspace(lo, hi, 40) if hi > lo else 40  # one value everywhere: numpy picks the bins
         for i, (name, v) in enumerate(series.items()):
-            ax.hist(v, bins=bins, alpha=0.55, color=palette[i % len(palette)],
-                    label=f"{name} (mean {np.mean(v):.3f})" if metric.lower().startswith("ssim") else
-                    f"{name} (mean {np.mean(v):.2f})")
-        for k, (name, x) in enumerate((baselines or {}).get(metric, {}).items()):
-            ax.axvline(x, color="black", ls=("--", ":", "-.")[k % 3], lw=1, label=f"{name} ({x:.3f})")
-        ax.set_title(metric)
-        ax.set_ylabel("slices")
-        ax.legend(frameon=False, fontsize=8)
+            ax.hist(v, bins=bins, density=True, alpha=0.55, color=palette[i % len(palette)],
+                    label=f"{name} (n = {len(v):,}, mean {np.mean(v):.{digits}f})")
+        for k, (name, x) in enumerate(marks.items()):
+            ax.axvline(x, color="black", ls=("--", ":", "-.")[k % 3], lw=1, label=f"{name} ({x:.{digits}f})")
+        ax.set_xlabel(metric)
+        ax.set_ylabel("density")
+        ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     return save(fig, path)
 
 
 def per_group(groups: Sequence[str], values: Mapping[str, Sequence[float]], path: str | Path | None, *,
               ylabel: str) -> plt.Figure:
-    """Grouped bars, e.g. mean SSIM per scan for each model. values: {series: one value per group}."""
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(groups) * len(values)), 3.0))
+    """Grouped bars from 0, e.g. mean SSIM per scan for each model, each labelled with its value; the legend
+    sits above the axes. values: {series: one value per group}."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(groups) * len(values)), 3.2))
     x = np.arange(len(groups))
     width = 0.8 / len(values)
     palette = ["#264653", "#e76f51", "#2a9d8f", "#e9c46a"]
@@ -417,9 +471,8 @@ def per_group(groups: Sequence[str], values: Mapping[str, Sequence[float]], path
         ax.bar_label(bars, [f"{y:.3f}" for y in ys], fontsize=7)
     ax.set_xticks(x, groups, fontsize=8)
     ax.set_ylabel(ylabel)
-    lo = min(min(v) for v in values.values())
-    ax.set_ylim(max(0.0, lo - 0.1), None)
-    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    ax.margins(y=0.12)  # room for the bar labels; bars start at 0
+    ax.legend(frameon=False, fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.02), ncol=len(values))
     fig.tight_layout()
     return save(fig, path)
 
@@ -460,8 +513,9 @@ def rate_distortion(curves: Mapping[str, Sequence[Mapping[str, float]]],
 
 
 def code_usage(counts: Mapping[str, np.ndarray], path: str | Path | None) -> plt.Figure:
-    """Code usage histograms, codes sorted from most to least used. counts: {model: (K,) counts}."""
-    fig, axes = plt.subplots(1, len(counts), figsize=(4.6 * len(counts), 2.8), squeeze=False)
+    """Code usage histograms, codes sorted from most to least used, on one shared log y axis so the models
+    compare. counts: {model: (K,) counts}."""
+    fig, axes = plt.subplots(1, len(counts), figsize=(4.6 * len(counts), 2.8), sharey=True, squeeze=False)
     for ax, (name, c) in zip(axes[0], counts.items()):
         c = np.sort(np.asarray(c))[::-1]
         share = c / max(c.sum(), 1)
@@ -469,7 +523,7 @@ def code_usage(counts: Mapping[str, np.ndarray], path: str | Path | None) -> plt
         ax.set_yscale("log")
         ax.set_title(f"{name}: {int((c > 0).sum())} of {len(c)} codes used")
         ax.set_xlabel("code (sorted by use)")
-        ax.set_ylabel("share of cells")
+    axes[0, 0].set_ylabel("share of cells")
     fig.tight_layout()
     return save(fig, path)
 
