@@ -24,7 +24,7 @@
 #
 # **Prerequisites:** notebook 01; convolutions in PyTorch.
 #
-# **Expected run time:** about 5 s on a 2-core CPU (measured by `make figures`). Nothing is trained, so no GPU
+# **Expected run time:** about 10 s on a 2-core CPU (measured by `make figures`). Nothing is trained, so no GPU
 # is needed and one would not change it.
 
 # %% tags=["parameters"]

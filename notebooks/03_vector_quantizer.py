@@ -32,7 +32,7 @@
 #
 # **Prerequisites:** notebook 02; k-means helps.
 #
-# **Expected run time:** about 3 min on a 2-core CPU (measured by `make figures`; most of it the collapse
+# **Expected run time:** about 3 to 4 min on a 2-core CPU (measured by `make figures`; most of it the collapse
 # experiment on slices and one training run that checks a committed result). No GPU is needed: the models
 # here are small and their runs short.
 

@@ -144,16 +144,16 @@ def test_the_site_in_chromium(site, chromium_found):
         tab.goto(base + "search.html?q=straight-through", wait_until="networkidle")
         tab.wait_for_selector("#search-results li", timeout=30000)
         assert "03 · The vector quantizer" in tab.inner_text("#search-results")
+        for url in sorted(internal):  # while the site is served
+            path, _, anchor = url.partition("#")
+            with urllib.request.urlopen(path, timeout=30) as answer:
+                assert answer.status == 200, url
+                html = answer.read().decode("utf-8", "replace")
+            if anchor and path.endswith(".html"):
+                assert f'id="{urllib.parse.unquote(anchor)}"' in html, f"{url}: no element with that id"
     assert failed == []
     outside = [url for url in requested if urllib.parse.urlsplit(url).hostname != pageserver.HOST]
     assert outside == [], f"requests leaving 127.0.0.1: {outside[:5]}"
-    for url in sorted(internal):
-        path, _, anchor = url.partition("#")
-        with urllib.request.urlopen(path, timeout=30) as answer:
-            assert answer.status == 200, url
-            html = answer.read().decode("utf-8", "replace")
-        if anchor and path.endswith(".html"):
-            assert f'id="{urllib.parse.unquote(anchor)}"' in html, f"{url}: no element with that id"
 
 
 def test_the_book_command_writes_the_site_and_a_screenshot(site, chromium_found, tmp_path, capsys):

@@ -98,13 +98,13 @@ def test_view_with_a_code_highlights_its_cells_and_their_pixel_blocks(explorer):
     np.testing.assert_array_equal(state["pixel_highlight"], blocks)
     assert state["pixel_highlight"].sum() == cells.sum() * D * D
     patch = state["code_patch"]
-    assert patch.shape == (PATCH_CELLS * D, PATCH_CELLS * D) and patch.min() >= 0 and patch.max() <= 1
+    assert patch.shape == (PATCH_CELLS * D, PATCH_CELLS * D)
 
 
 def test_code_patch_is_the_centre_of_a_map_filled_with_that_code(explorer, model):
     code = int(explorer.indices[0, 0, 0])
     n, m, p = PATCH_CELLS + 2 * PATCH_MARGIN, PATCH_MARGIN * D, PATCH_CELLS * D
-    full = model.decode_indices(torch.full((1, n, n), code))[0, 0].clamp(0, 1).numpy()
+    full = model.decode_indices(torch.full((1, n, n), code))[0, 0].numpy()  # not clipped: it may exceed 1
     np.testing.assert_allclose(explorer.code_patch(code), full[m:m + p, m:m + p], atol=1e-5)
 
 
@@ -381,6 +381,20 @@ def test_the_code_alone_panel_has_its_own_grey_scale(explorer):
     assert ax.images[0].norm.vmin == patch.min() and ax.images[0].norm.vmax == patch.max()
     shown = _panel(fig, _canvas(fig), ax)
     assert shown.min() <= 10 and shown.max() >= 245  # black to white: not clipped, not one grey
+    plt.close(fig)
+
+
+def test_a_code_that_decodes_to_one_grey_is_drawn_as_that_grey(explorer):
+    code = explorer.codes_by_use(4)[0][0]
+    saved = explorer._patches[code].copy()
+    explorer._patches[code] = 1.3  # saturated: brighter than any slice, one value
+    try:
+        fig = explorer.figure(4, code)
+    finally:
+        explorer._patches[code] = saved
+    ax = fig.axes[3]
+    assert ax.get_title() == f"code {code} alone\none grey: 1.30"
+    assert (ax.images[0].norm.vmin, ax.images[0].norm.vmax) == (0, 1)
     plt.close(fig)
 
 

@@ -42,6 +42,7 @@ WASH = 0.45  # with a code highlighted, the other cells keep this share of their
 MARK = 8.0  # side (points) of the square drawn round each highlighted cell, visible where a cell is a few pixels
 PATCH_CELLS = 4  # side of the decoded code patch, in latent cells
 PATCH_MARGIN = 4  # extra cells decoded around it so decoder border effects stay outside the patch
+FLAT = 0.01  # a code patch whose intensities span less than this is drawn as one grey, not stretched
 WIDGET_DPI = 72  # widget PNGs are rendered small so an update stays well under 0.3 s
 RANDOM = -1  # the position dropdown's value meaning "draw the bins at random"
 BLANK = "#4a5878"  # colour of the rows a completion drops (NaN pixels)
@@ -56,7 +57,8 @@ def code_patches(model, codes: Sequence[int] | np.ndarray, device: str | torch.d
     its central PATCH_CELLS x PATCH_CELLS cells (the margin keeps the decoder's border effects out).
 
     model: a VQVAE (`decode_indices`, `config.downsample`); device: where it runs (default: where the model is).
-    Returns (len(codes), P, P) float32 clipped to [0, 1], P = PATCH_CELLS * downsample.
+    Returns (len(codes), P, P) float32, P = PATCH_CELLS * downsample: the decoder's own output, not clipped (a
+    map of one code is far from any slice, and may decode above 1).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     codes = torch.as_tensor(np.asarray(codes, dtype=np.int64))
@@ -66,7 +68,7 @@ def code_patches(model, codes: Sequence[int] | np.ndarray, device: str | torch.d
     for start in range(0, len(codes), batch_size):
         chunk = codes[start:start + batch_size].to(device)
         maps = chunk[:, None, None].expand(-1, n, n)
-        out[start:start + len(chunk)] = model.decode_indices(maps)[:, 0, m:m + p, m:m + p].float().clamp(0, 1).cpu()
+        out[start:start + len(chunk)] = model.decode_indices(maps)[:, 0, m:m + p, m:m + p].float().cpu()
     return out
 
 
@@ -179,7 +181,7 @@ class CodebookExplorer:
         return len(self.images)
 
     def code_patch(self, code: int) -> np.ndarray:
-        """What one code decodes to (`code_patches`): (P, P) float32 in [0, 1], P = PATCH_CELLS * downsample."""
+        """What one code decodes to (`code_patches`): (P, P) float32, P = PATCH_CELLS * downsample."""
         return self._patches[self._check_code(code)]
 
     def _check_code(self, code: int) -> int:
@@ -303,9 +305,12 @@ class CodebookExplorer:
         else:
             patch = state["code_patch"]
             lo, hi = float(patch.min()), float(patch.max())
-            axes[3].imshow(viz.oriented(patch), cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6),
-                           interpolation="nearest")
-            axes[3].set_title(f"code {code} alone\nown scale {lo:.2f}-{hi:.2f}", fontsize=8)
+            if hi - lo < FLAT:  # one grey: drawn as that grey of the [0, 1] scale, its value in the title
+                axes[3].imshow(viz.oriented(patch), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                axes[3].set_title(f"code {code} alone\none grey: {lo:.2f}", fontsize=8)
+            else:
+                axes[3].imshow(viz.oriented(patch), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+                axes[3].set_title(f"code {code} alone\nown scale {lo:.2f}-{hi:.2f}", fontsize=8)
         for ax in axes:
             viz.bare(ax)
         fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.84, wspace=0.08)
