@@ -158,7 +158,7 @@ def test_the_site_in_chromium(site, chromium_found):
 
 def test_the_book_command_writes_the_site_and_a_screenshot(site, chromium_found, tmp_path, capsys):
     shot = tmp_path / "page.png"
-    assert main(["book", "--executed", str(site.parent.parent / "src"), "--out", str(tmp_path / "site"),
+    assert main(["book", "--executed", str(site.parent / "src"), "--out", str(tmp_path / "site"),
                  "--screenshot", str(shot)]) == 0
     out = capsys.readouterr().out
     assert f"wrote the site {tmp_path / 'site' / 'html' / 'index.html'}" in out and f"wrote {shot}" in out

@@ -631,8 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="the site's folder, replaced if it holds an earlier site (default: "
                                             "build/book/ in the repository)")
     p.add_argument("--fig-dir", type=Path, help="the README's figures (default: figures/ in the repository)")
-    p.add_argument("--screenshot", type=Path, help="also write a PNG screenshot of one chapter's page (needs a "
-                                                   "Chromium: skipped with a warning without one)")
+    p.add_argument("--screenshot", type=Path, help="also write a PNG screenshot of one chapter's page to this "
+                                                   "file (default: none; needs a Chromium: skipped with a warning "
+                                                   "without one)")
     p.set_defaults(func=_book)
 
     p = sub.add_parser("lab", help="JupyterLab on 127.0.0.1 with the series; the .py notebooks open as notebooks")
