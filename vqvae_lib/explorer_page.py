@@ -33,6 +33,8 @@ from . import checkpoint, data, pageserver, prior, runner, train
 from .explorer import CodebookExplorer, SamplerPanel
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import ipywidgets
     from playwright.sync_api import Page
 
@@ -182,39 +184,40 @@ def choose_code(page: Page, code: int, timeout_ms: float = 60_000) -> None:
     _await_new_picture(page, before, timeout_ms)
 
 
+def _enter(page: Page, box: str, value: int, shown: Callable[[str], str]) -> None:
+    """Type `value` into `box` and press Enter; ValueError if `shown(box)` then reads another number (the value
+    was outside the control's range)."""
+    page.fill(box, str(value))
+    page.press(box, "Enter")
+    if shown(box) != str(value):
+        raise ValueError(f"{box} shows {shown(box)} after typing {value}: outside its range?")
+
+
+def _click_for_picture(page: Page, button: str, image: str, timeout_ms: float) -> None:
+    """Click `button` and wait until the picture `image` is replaced."""
+    before = page.get_attribute(image, "src")
+    page.click(button)
+    _await_new_picture(page, before, timeout_ms, image)
+
+
 def edit_cell(page: Page, row: int, col: int, code: int, timeout_ms: float = 60_000) -> None:
     """Type a latent cell (row, col) and a code into the editor, click "apply" and wait for the edit's picture;
     ValueError if a box shows another number than typed (outside its range)."""
     for box, value in ((EDIT_ROW, row), (EDIT_COL, col), (EDIT_CODE, code)):
-        page.fill(box, str(value))
-        page.press(box, "Enter")
-        shown = page.input_value(box)
-        if shown != str(value):
-            raise ValueError(f"{box} shows {shown} after typing {value}: outside its range?")
-    before = page.get_attribute(EDIT_IMAGE, "src")
-    page.click(EDIT_BUTTON)
-    _await_new_picture(page, before, timeout_ms, EDIT_IMAGE)
+        _enter(page, box, value, page.input_value)
+    _click_for_picture(page, EDIT_BUTTON, EDIT_IMAGE, timeout_ms)
 
 
 def click_sample(page: Page, timeout_ms: float = 120_000) -> None:
     """Click the sampler's "sample" button and wait for the new samples' picture."""
-    before = page.get_attribute(SAMPLE_IMAGE, "src")
-    page.click(SAMPLE_BUTTON)
-    _await_new_picture(page, before, timeout_ms, SAMPLE_IMAGE)
+    _click_for_picture(page, SAMPLE_BUTTON, SAMPLE_IMAGE, timeout_ms)
 
 
 def complete_from_row(page: Page, rows: int, timeout_ms: float = 120_000) -> None:
     """Set the latent rows kept (typed into the slider's readout), click "complete from this row" and wait for
-    the new completions' picture."""
-    readout = f"{ROWS} .widget-readout"
-    page.fill(readout, str(rows))
-    page.press(readout, "Enter")
-    shown = page.inner_text(readout)
-    if shown != str(rows):
-        raise ValueError(f"the rows slider shows {shown} after typing {rows}: outside its range?")
-    before = page.get_attribute(COMPLETION_IMAGE, "src")
-    page.click(COMPLETE_BUTTON)
-    _await_new_picture(page, before, timeout_ms, COMPLETION_IMAGE)
+    the new completions' picture; ValueError if the slider shows another number (outside its range)."""
+    _enter(page, f"{ROWS} .widget-readout", rows, page.inner_text)
+    _click_for_picture(page, COMPLETE_BUTTON, COMPLETION_IMAGE, timeout_ms)
 
 
 def screenshot(path: Path, data_dir: Path, checkpoint_path: Path, device: str = DEFAULT_DEVICE) -> Path:
